@@ -1,0 +1,1 @@
+"""Triton kernel sources and the AOT build (not shipped at run time: code objects are)."""

@@ -1,0 +1,510 @@
+"""Fused FP8 MoE kernels (Triton sources for the AOT build) and their tune space.
+
+Two regimes, each a small family of variants (see DESIGN.md, "The fused-MoE pipeline"):
+
+``gemv`` (single token and decode, no sorting at all)
+    stage 1: one program per (token, slot) pair and N tile reads ``topk_ids`` directly,
+    dequantises gate and up rows of w13 in registers (W8A16: activations are never quantised),
+    applies SiLU-and-mul and writes the fp32 intermediate ``[M*topk, N]``;
+    stage 2: one program per (token, slice of K output columns) loops over the token's top-k
+    experts, applies w2's scale and the routing weight in registers and writes bf16 ``[M, K]``
+    once (no atomics, no partials, deterministic).
+
+``grouped`` (prefill)
+    prep: per-token input quantisation (dynamic per-token or static scale) fused with the
+    per-expert histogram; align: padded per-expert offsets and the block -> expert map (one
+    program per expert); scatter: pairs sorted by expert (its program 0 also re-zeroes the
+    histogram for the next call, so no memset launch is needed); stage 1: FP8 x FP8 tensor-core
+    GEMM over gate/up tile pairs with scales + SiLU-and-mul + re-quantisation in the epilogue;
+    stage 2: FP8 x FP8 GEMM with the routing weight, bf16 partials per pair; reduce: top-k sum.
+
+All element offsets that can pass 2**31 are computed in int64.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels.spec import FP8_MAX, FP8_PTR, KernelSpec, PipelineVariant
+
+_SRC = "kernels.moe"
+
+
+# ----------------------------------------------------------------------------------- helpers
+@triton.jit
+def _silu_mul(g, u):
+    return g / (1.0 + tl.exp(-g)) * u
+
+
+@triton.jit
+def _round_half_even(v):
+    r = tl.floor(v + 0.5)
+    tie = (r - v) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def _fp8_grid(y, FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr):
+    """Clamp ``y`` to +-FP8_MAX (NaN stays NaN); with EXACT_CAST also round it onto the e4m3
+    grid with round-half-even, so that the following cast is exact.
+
+    EXACT_CAST is only set when Triton's CPU interpreter runs the kernel: its fp32 -> fp8
+    conversion rounds wrongly when rounding carries into the exponent. The compiled code
+    objects use the hardware conversion (RNE, saturating) directly.
+    """
+    y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    if EXACT_CAST:
+        # e4m3fn: min normal exponent -6; e4m3fnuz (max 240): -7; 3 mantissa bits
+        if FP8_MAX > 300.0:
+            emin = -6.0
+        else:
+            emin = -7.0
+        a = tl.abs(y)
+        e = tl.maximum(tl.floor(tl.log2(tl.maximum(a, 1e-30))), emin)
+        step = tl.exp2(e - 3.0)
+        q = _round_half_even(a / step) * step
+        q = tl.minimum(q, FP8_MAX)
+        y = tl.where(y != y, y, tl.where(y < 0, -q, q))
+    return y
+
+
+@triton.jit
+def _row_scale(amax, has_nan, FP8_MAX: tl.constexpr):
+    """Dynamic scale from a row's absolute max, floored like vLLM; NaN rows get a NaN scale."""
+    s = tl.maximum(amax / FP8_MAX, 1.0 / (FP8_MAX * 512.0))
+    return tl.where(has_nan, float("nan"), s)
+
+
+# ------------------------------------------------------------------------------ gemv regime
+@triton.jit
+def moe_gemv_stage1(
+    x_ptr, w13_ptr, w13_scale_ptr, topk_ids_ptr, act_ptr,
+    N, K, topk,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    tok = (pair // topk).to(tl.int64)
+    e = tl.load(topk_ids_ptr + pair).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    g_ptrs = w13_ptr + e * 2 * N * K + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+    u_ptrs = g_ptrs + N * K
+    x_ptrs = x_ptr + tok * K + offs_k
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        xk = tl.load(x_ptrs + k0, mask=mask_k, other=0.0).to(tl.float32)
+        wmask = mask_n[:, None] & mask_k[None, :]
+        wg = tl.load(g_ptrs + k0, mask=wmask, other=0.0).to(tl.float32)
+        wu = tl.load(u_ptrs + k0, mask=wmask, other=0.0).to(tl.float32)
+        acc_g += wg * xk[None, :]
+        acc_u += wu * xk[None, :]
+    g = tl.sum(acc_g, axis=1)
+    u = tl.sum(acc_u, axis=1)
+    if PER_CHANNEL:
+        srow = w13_scale_ptr + e * 2 * N
+        g = g * tl.load(srow + offs_n, mask=mask_n, other=0.0)
+        u = u * tl.load(srow + N + offs_n, mask=mask_n, other=0.0)
+    else:
+        s = tl.load(w13_scale_ptr + e)
+        g = g * s
+        u = u * s
+    tl.store(act_ptr + pair.to(tl.int64) * N + offs_n, _silu_mul(g, u), mask=mask_n)
+
+
+@triton.jit
+def moe_gemv_stage2(
+    act_ptr, w2_ptr, w2_scale_ptr, topk_ids_ptr, topk_weights_ptr, out_ptr,
+    N, K, topk,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PER_CHANNEL: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    offs_n = tl.arange(0, BLOCK_N)
+    out_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for j in range(0, topk):
+        pair = tok * topk + j
+        e = tl.load(topk_ids_ptr + pair).to(tl.int64)
+        rw = tl.load(topk_weights_ptr + pair)
+        w_ptrs = w2_ptr + e * K * N + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :]
+        a_ptrs = act_ptr + pair * N + offs_n
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            mask_n = (n0 + offs_n) < N
+            a = tl.load(a_ptrs + n0, mask=mask_n, other=0.0)
+            w = tl.load(w_ptrs + n0, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc += w.to(tl.float32) * a[None, :]
+        y = tl.sum(acc, axis=1)
+        if PER_CHANNEL:
+            y = y * tl.load(w2_scale_ptr + e * K + offs_k, mask=mask_k, other=0.0)
+        else:
+            y = y * tl.load(w2_scale_ptr + e)
+        out_acc += rw * y
+    tl.store(out_ptr + tok * K + offs_k, out_acc.to(out_ptr.dtype.element_ty), mask=mask_k)
+
+
+# --------------------------------------------------------------------------- grouped regime
+@triton.jit
+def moe_prep(
+    x_ptr, xq_ptr, a_scale_ptr, static_scale_ptr, topk_ids_ptr, counts_ptr,
+    K, topk,
+    BLOCK_K: tl.constexpr, TOPK_PAD: tl.constexpr, STATIC: tl.constexpr,
+    FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr,
+):
+    """Quantise one token row of x to fp8 and count its experts."""
+    m = tl.program_id(0).to(tl.int64)
+    offs_t = tl.arange(0, TOPK_PAD)
+    ids = tl.load(topk_ids_ptr + m * topk + offs_t, mask=offs_t < topk, other=0)
+    tl.atomic_add(counts_ptr + ids, 1, mask=offs_t < topk, sem="relaxed")
+    offs_k = tl.arange(0, BLOCK_K)
+    row = x_ptr + m * K
+    if STATIC:
+        scale = tl.load(static_scale_ptr)
+    else:
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        nan = tl.zeros([BLOCK_K], dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            v = tl.load(row + k0 + offs_k, mask=(k0 + offs_k) < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(v))
+            nan = tl.maximum(nan, (v != v).to(tl.int32))
+        scale = _row_scale(tl.max(amax, axis=0), tl.max(nan, axis=0) > 0, FP8_MAX)
+        tl.store(a_scale_ptr + m, scale)
+    for k0 in range(0, K, BLOCK_K):
+        mk = (k0 + offs_k) < K
+        v = tl.load(row + k0 + offs_k, mask=mk, other=0.0).to(tl.float32)
+        q = _fp8_grid(v / scale, FP8_MAX, EXACT_CAST)
+        tl.store(xq_ptr + m * K + k0 + offs_k, q.to(xq_ptr.dtype.element_ty), mask=mk)
+
+
+@triton.jit
+def moe_align(
+    counts_ptr, cursor_ptr, block_expert_ptr, sorted_ids_ptr, total_ptr,
+    E, num_pairs,
+    BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, FILL: tl.constexpr,
+):
+    """Program e: expert e's padded row range, its blocks in the block -> expert map, its
+    scatter cursor, and sentinel fill of its padding rows."""
+    e = tl.program_id(0)
+    offs = tl.arange(0, E_PAD)
+    c = tl.load(counts_ptr + offs, mask=offs < E, other=0)
+    padded = (c + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    start = tl.sum(tl.where(offs < e, padded, 0), axis=0)
+    mine = tl.load(counts_ptr + e)
+    end = start + (mine + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    if e == 0:
+        tl.store(total_ptr, tl.sum(padded, axis=0))
+    tl.store(cursor_ptr + e, start)
+    offs_b = tl.arange(0, FILL)
+    for b0 in range(start // BLOCK_M, end // BLOCK_M, FILL):
+        tl.store(block_expert_ptr + b0 + offs_b, e, mask=(b0 + offs_b) < end // BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    pad_at = start + mine + offs_r
+    tl.store(sorted_ids_ptr + pad_at, num_pairs, mask=pad_at < end)
+
+
+@triton.jit
+def moe_scatter(
+    topk_ids_ptr, cursor_ptr, sorted_ids_ptr, counts_ptr,
+    num_pairs, E,
+    BLOCK: tl.constexpr, E_PAD: tl.constexpr,
+):
+    """Sort (token, slot) pairs by expert. Program 0 also re-zeroes the histogram: align has
+    consumed it, and the next call's prep needs it zero."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_pairs
+    e = tl.load(topk_ids_ptr + offs, mask=mask, other=0)
+    pos = tl.atomic_add(cursor_ptr + e, 1, mask=mask, sem="relaxed")
+    tl.store(sorted_ids_ptr + pos, offs, mask=mask)
+    if pid == 0:
+        offs_e = tl.arange(0, E_PAD)
+        tl.store(counts_ptr + offs_e, tl.zeros([E_PAD], dtype=tl.int32), mask=offs_e < E)
+
+
+@triton.jit
+def moe_grouped_stage1(
+    xq_ptr, a_scale_ptr, a13_static_ptr, w13_ptr, w13_scale_ptr, a2_static_ptr,
+    sorted_ids_ptr, block_expert_ptr, total_ptr, actq_ptr, act_scale_ptr,
+    N, K, topk, num_pairs,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, STATIC: tl.constexpr,
+    FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr,
+):
+    """act_q[row] = q2(silu(x W_gate^T) * (x W_up^T)) for one BLOCK_M block of sorted rows.
+
+    Dynamic schemes need the whole row of N in this tile (BLOCK_N >= N) for the per-row scale.
+    """
+    b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if b * BLOCK_M >= tl.load(total_ptr):
+        return
+    e = tl.load(block_expert_ptr + b).to(tl.int64)
+    offs_m = b * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    valid = pair < num_pairs
+    tok = tl.where(valid, pair // topk, 0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = xq_ptr + tok[:, None] * K + offs_k[None, :]
+    g_ptrs = w13_ptr + e * 2 * N * K + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]
+    u_ptrs = g_ptrs + N * K
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs + k0, mask=valid[:, None], other=0.0)
+        bg = tl.load(g_ptrs + k0, mask=mask_n[None, :], other=0.0)
+        bu = tl.load(u_ptrs + k0, mask=mask_n[None, :], other=0.0)
+        acc_g = tl.dot(a, bg, acc_g)
+        acc_u = tl.dot(a, bu, acc_u)
+    if STATIC:
+        a_s = tl.load(a13_static_ptr)
+        acc_g = acc_g * a_s
+        acc_u = acc_u * a_s
+    else:
+        a_s = tl.load(a_scale_ptr + tok, mask=valid, other=0.0)
+        acc_g = acc_g * a_s[:, None]
+        acc_u = acc_u * a_s[:, None]
+    if PER_CHANNEL:
+        srow = w13_scale_ptr + e * 2 * N
+        acc_g = acc_g * tl.load(srow + offs_n, mask=mask_n, other=0.0)[None, :]
+        acc_u = acc_u * tl.load(srow + N + offs_n, mask=mask_n, other=0.0)[None, :]
+    else:
+        ws = tl.load(w13_scale_ptr + e)
+        acc_g = acc_g * ws
+        acc_u = acc_u * ws
+    act = _silu_mul(acc_g, acc_u)
+    if STATIC:
+        s2 = tl.load(a2_static_ptr)
+        q = _fp8_grid(act / s2, FP8_MAX, EXACT_CAST)
+    else:
+        keep = mask_n[None, :]
+        amax = tl.max(tl.where(keep, tl.abs(act), 0.0), axis=1)
+        nan = tl.max(tl.where(keep & (act != act), 1, 0), axis=1) > 0
+        s2 = _row_scale(amax, nan, FP8_MAX)
+        tl.store(act_scale_ptr + offs_m, s2, mask=valid)
+        q = _fp8_grid(act / s2[:, None], FP8_MAX, EXACT_CAST)
+    dst = actq_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(dst, q.to(actq_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def moe_grouped_stage2(
+    actq_ptr, act_scale_ptr, a2_static_ptr, w2_ptr, w2_scale_ptr, topk_weights_ptr,
+    sorted_ids_ptr, block_expert_ptr, total_ptr, partial_ptr,
+    N, K, num_pairs,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, STATIC: tl.constexpr,
+):
+    """partial[pair, cols] = w_pair * (act_q[row] W2_e^T)[cols] for one block of sorted rows."""
+    b = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    if b * BLOCK_M >= tl.load(total_ptr):
+        return
+    e = tl.load(block_expert_ptr + b).to(tl.int64)
+    offs_m = b * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    valid = pair < num_pairs
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    offs_n = tl.arange(0, BLOCK_N)
+    a_ptrs = actq_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    b_ptrs = w2_ptr + e * K * N + offs_k.to(tl.int64)[None, :] * N + offs_n[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        mask_n = (n0 + offs_n) < N
+        a = tl.load(a_ptrs + n0, mask=valid[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(b_ptrs + n0, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(a, w, acc)
+    if STATIC:
+        acc = acc * tl.load(a2_static_ptr)
+    else:
+        acc = acc * tl.load(act_scale_ptr + offs_m, mask=valid, other=0.0)[:, None]
+    if PER_CHANNEL:
+        acc = acc * tl.load(w2_scale_ptr + e * K + offs_k, mask=mask_k, other=0.0)[None, :]
+    else:
+        acc = acc * tl.load(w2_scale_ptr + e)
+    rw = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0)
+    acc = acc * rw[:, None]
+    dst = partial_ptr + tl.where(valid, pair, 0).to(tl.int64)[:, None] * K + offs_k[None, :]
+    tl.store(dst, acc.to(partial_ptr.dtype.element_ty), mask=valid[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def moe_topk_reduce(
+    partial_ptr, out_ptr, K, topk,
+    BLOCK_K: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = offs < K
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for j in range(0, topk):
+        acc += tl.load(partial_ptr + (tok * topk + j) * K + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + tok * K + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------- tune space
+# Scheme flags per scheme value (vllm_moe_aot.shapes.Scheme): (PER_CHANNEL, STATIC)
+SCHEME_FLAGS = {
+    "fp8_ptpc": (True, False),
+    "fp8_per_tensor_static": (False, True),
+    "fp8_per_tensor_dynamic": (False, False),
+}
+_SHORT = {"fp8_ptpc": "ptpc", "fp8_per_tensor_static": "pts", "fp8_per_tensor_dynamic": "ptd"}
+
+_ALIGN16 = ("N", "K")
+
+
+def _gemv_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
+    specs: list[KernelSpec] = []
+    s1_tiles = [(8, 512), (16, 256), (32, 128)]  # (BLOCK_N, BLOCK_K): 4096 fp32 per acc
+    s2_tiles = [(16, 128), (32, 64), (64, 64)]  # (BLOCK_K out cols, BLOCK_N reduction)
+    for pc in (False, True):
+        tag = "pc" if pc else "pt"
+        for bn, bk in s1_tiles:
+            specs.append(KernelSpec(
+                name=f"gemv_s1_{tag}_n{bn}_k{bk}", source=f"{_SRC}:moe_gemv_stage1",
+                family="gemv_stage1",
+                signature={"x_ptr": "*bf16", "w13_ptr": FP8_PTR, "w13_scale_ptr": "*fp32",
+                           "topk_ids_ptr": "*i32", "act_ptr": "*fp32",
+                           "N": "i32", "K": "i32", "topk": "i32"},
+                constexprs={"BLOCK_N": bn, "BLOCK_K": bk, "PER_CHANNEL": pc},
+                divisible_by_16=("x_ptr", "w13_ptr", "act_ptr", *_ALIGN16),
+                num_warps=4, num_stages=2))
+        for bk, bn in s2_tiles:
+            specs.append(KernelSpec(
+                name=f"gemv_s2_{tag}_k{bk}_n{bn}", source=f"{_SRC}:moe_gemv_stage2",
+                family="gemv_stage2",
+                signature={"act_ptr": "*fp32", "w2_ptr": FP8_PTR, "w2_scale_ptr": "*fp32",
+                           "topk_ids_ptr": "*i32", "topk_weights_ptr": "*fp32",
+                           "out_ptr": "*bf16", "N": "i32", "K": "i32", "topk": "i32"},
+                constexprs={"BLOCK_K": bk, "BLOCK_N": bn, "PER_CHANNEL": pc},
+                divisible_by_16=("act_ptr", "w2_ptr", "out_ptr", *_ALIGN16),
+                num_warps=4, num_stages=2))
+    variants = []
+    for bn, bk in s1_tiles:
+        for bk2, bn2 in s2_tiles:
+            kernels = {}
+            for scheme, (pc, _static) in SCHEME_FLAGS.items():
+                tag = "pc" if pc else "pt"
+                kernels[scheme] = {"stage1": f"gemv_s1_{tag}_n{bn}_k{bk}",
+                                   "stage2": f"gemv_s2_{tag}_k{bk2}_n{bn2}"}
+            variants.append(PipelineVariant(
+                name=f"gemv_n{bn}_k{bk}.k{bk2}_n{bn2}", regime="gemv", kernels=kernels,
+                quantize_activations=False))
+    return specs, variants
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for stage 1; stage 2 uses the same BLOCK_M
+_S1_TILES = {
+    "m16": (16, 128, 128, 4, 3),
+    "m64": (64, 128, 128, 4, 3),
+    "m64n64": (64, 64, 128, 4, 4),
+    "m64n256": (64, 256, 128, 8, 3),
+    "m128": (128, 128, 128, 8, 3),
+}
+# (BLOCK_M, BLOCK_K out cols, BLOCK_N reduction, warps, stages)
+_S2_TILES = {
+    16: (16, 128, 128, 4, 3),
+    64: (64, 128, 128, 4, 3),
+    128: (128, 128, 128, 8, 3),
+}
+
+
+def _grouped_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
+    specs: list[KernelSpec] = []
+    e_pad = 1024  # MAX_E in vllm_moe_aot.shapes
+    for static in (False, True):
+        specs.append(KernelSpec(
+            name=f"prep_{'static' if static else 'dyn'}", source=f"{_SRC}:moe_prep",
+            family="prep",
+            signature={"x_ptr": "*bf16", "xq_ptr": FP8_PTR, "a_scale_ptr": "*fp32",
+                       "static_scale_ptr": "*fp32", "topk_ids_ptr": "*i32",
+                       "counts_ptr": "*i32", "K": "i32", "topk": "i32"},
+            constexprs={"BLOCK_K": 1024, "TOPK_PAD": 16, "STATIC": static,
+                        "FP8_MAX": FP8_MAX, "EXACT_CAST": False},
+            divisible_by_16=("x_ptr", "xq_ptr", "K"), num_warps=4, num_stages=1))
+    for bm in sorted(_S2_TILES):
+        specs.append(KernelSpec(
+            name=f"align_m{bm}", source=f"{_SRC}:moe_align", family="align",
+            signature={"counts_ptr": "*i32", "cursor_ptr": "*i32", "block_expert_ptr": "*i32",
+                       "sorted_ids_ptr": "*i32", "total_ptr": "*i32", "E": "i32",
+                       "num_pairs": "i32"},
+            constexprs={"BLOCK_M": bm, "E_PAD": e_pad, "FILL": 256},
+            num_warps=4, num_stages=1))
+    specs.append(KernelSpec(
+        name="scatter", source=f"{_SRC}:moe_scatter", family="scatter",
+        signature={"topk_ids_ptr": "*i32", "cursor_ptr": "*i32", "sorted_ids_ptr": "*i32",
+                   "counts_ptr": "*i32", "num_pairs": "i32", "E": "i32"},
+        constexprs={"BLOCK": 1024, "E_PAD": e_pad}, num_warps=4, num_stages=1))
+    specs.append(KernelSpec(
+        name="topk_reduce", source=f"{_SRC}:moe_topk_reduce", family="reduce",
+        signature={"partial_ptr": "*bf16", "out_ptr": "*bf16", "K": "i32", "topk": "i32"},
+        constexprs={"BLOCK_K": 1024}, divisible_by_16=("partial_ptr", "out_ptr", "K"),
+        num_warps=4, num_stages=1))
+
+    s2_names: dict[tuple[int, str], str] = {}
+    for bm, (_, bk, bn, w, s) in _S2_TILES.items():
+        for scheme, (pc, static) in SCHEME_FLAGS.items():
+            name = f"grp_s2_{_SHORT[scheme]}_m{bm}_k{bk}_n{bn}"
+            s2_names[(bm, scheme)] = name
+            specs.append(KernelSpec(
+                name=name, source=f"{_SRC}:moe_grouped_stage2", family="grouped_stage2",
+                signature={"actq_ptr": FP8_PTR, "act_scale_ptr": "*fp32",
+                           "a2_static_ptr": "*fp32", "w2_ptr": FP8_PTR,
+                           "w2_scale_ptr": "*fp32", "topk_weights_ptr": "*fp32",
+                           "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32",
+                           "total_ptr": "*i32", "partial_ptr": "*bf16",
+                           "N": "i32", "K": "i32", "num_pairs": "i32"},
+                constexprs={"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn,
+                            "PER_CHANNEL": pc, "STATIC": static},
+                divisible_by_16=("actq_ptr", "w2_ptr", "partial_ptr", *_ALIGN16),
+                num_warps=w, num_stages=s))
+
+    variants = []
+    for tag, (bm, bn, bk, w, s) in _S1_TILES.items():
+        kernels: dict[str, dict[str, str]] = {}
+        max_n: dict[str, int] = {}
+        for scheme, (pc, static) in SCHEME_FLAGS.items():
+            if not static and bn < 128:
+                continue  # dynamic re-quantisation wants whole rows: narrow tiles are pointless
+            name = f"grp_s1_{_SHORT[scheme]}_m{bm}_n{bn}_k{bk}"
+            specs.append(KernelSpec(
+                name=name, source=f"{_SRC}:moe_grouped_stage1", family="grouped_stage1",
+                signature={"xq_ptr": FP8_PTR, "a_scale_ptr": "*fp32",
+                           "a13_static_ptr": "*fp32", "w13_ptr": FP8_PTR,
+                           "w13_scale_ptr": "*fp32", "a2_static_ptr": "*fp32",
+                           "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32",
+                           "total_ptr": "*i32", "actq_ptr": FP8_PTR, "act_scale_ptr": "*fp32",
+                           "N": "i32", "K": "i32", "topk": "i32", "num_pairs": "i32"},
+                constexprs={"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PER_CHANNEL": pc,
+                            "STATIC": static, "FP8_MAX": FP8_MAX, "EXACT_CAST": False},
+                divisible_by_16=("xq_ptr", "w13_ptr", "actq_ptr", *_ALIGN16),
+                num_warps=w, num_stages=s))
+            kernels[scheme] = {
+                "prep": "prep_static" if static else "prep_dyn",
+                "align": f"align_m{bm}", "scatter": "scatter",
+                "stage1": name, "stage2": s2_names[(bm, scheme)], "reduce": "topk_reduce"}
+            if not static:
+                max_n[scheme] = bn
+        variants.append(PipelineVariant(
+            name=f"grouped_{tag}", regime="grouped", kernels=kernels,
+            quantize_activations=True, max_n=max_n))
+    return specs, variants
+
+
+def _tune_space() -> tuple[list[KernelSpec], list[PipelineVariant]]:
+    g_specs, g_vars = _gemv_specs()
+    p_specs, p_vars = _grouped_specs()
+    return g_specs + p_specs, g_vars + p_vars
+
+
+SPECS, VARIANTS = _tune_space()

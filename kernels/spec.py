@@ -1,0 +1,101 @@
+"""How a kernel variant is declared for the AOT build.
+
+A :class:`KernelSpec` names one Triton ``@jit`` function plus everything that makes its
+compilation explicit: the ordered non-constexpr signature, constexpr values, divisibility hints
+and launch options. The build compiles each spec for each target in :data:`TARGETS` and records
+the result in ``manifest.json``; the runtime and the pipeline only ever read the manifest.
+
+Type strings are Triton's (``*bf16``, ``*fp32``, ``i32``, ``i64``, ``fp32`` ...). The placeholder
+``*fp8`` stands for the target's FP8 e4m3 flavour (``*fp8e4nv`` on sm_90a and gfx950,
+``*fp8e4b8`` i.e. e4m3fnuz on gfx942), and the constexpr value :data:`FP8_MAX` for its largest
+finite value (448 or 240).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # "sm_90a", "gfx942", "gfx950"
+    backend: str  # "cuda" | "hip"
+    arch: int | str  # 90 | "gfx942"
+    warp_size: int
+    fp8_type: str  # Triton pointer element type for e4m3 on this target
+    fp8_max: float
+    suffix: str  # code-object file suffix
+
+
+TARGETS: dict[str, Target] = {
+    "sm_90a": Target("sm_90a", "cuda", 90, 32, "fp8e4nv", 448.0, "cubin"),
+    "gfx942": Target("gfx942", "hip", "gfx942", 64, "fp8e4b8", 240.0, "hsaco"),
+    "gfx950": Target("gfx950", "hip", "gfx950", 64, "fp8e4nv", 448.0, "hsaco"),
+}
+
+#: signature placeholder replaced by the target's fp8 pointer type
+FP8_PTR = "*fp8"
+
+
+class _Fp8Max:
+    """Sentinel constexpr value: replaced per target by ``Target.fp8_max``."""
+
+    def __repr__(self) -> str:
+        return "FP8_MAX"
+
+
+FP8_MAX = _Fp8Max()
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One code object per target.
+
+    ``name`` is unique and stable (it is the code object's file name and the key the pipeline
+    asks the runtime for). ``source`` is ``"module:function"`` importable from the repo root
+    (for the build and for the interpreter launcher used by CPU tests). ``signature`` lists the
+    non-constexpr parameters in the kernel's own order. ``divisible_by_16`` names parameters the
+    caller guarantees are 16-byte aligned (pointers) or multiples of 16 (integers).
+    """
+
+    name: str
+    source: str
+    family: str
+    signature: dict[str, str]
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    divisible_by_16: tuple[str, ...] = ()
+    num_warps: int = 4
+    num_stages: int = 3
+    targets: tuple[str, ...] = tuple(TARGETS)
+
+    @property
+    def config(self) -> str:
+        """Human-readable variant config string recorded in the manifest and tuned CSVs."""
+        parts = [f"{k}={v}" for k, v in sorted(self.constexprs.items()) if k != "FP8_MAX"]
+        return f"{self.family}:" + ",".join(parts + [f"w{self.num_warps}", f"s{self.num_stages}"])
+
+    def resolved(self, target: Target) -> tuple[dict[str, str], dict[str, Any]]:
+        """Signature and constexprs with the fp8 placeholders filled in for ``target``."""
+        sig = {k: ("*" + target.fp8_type if v == FP8_PTR else v) for k, v in self.signature.items()}
+        consts = {k: (target.fp8_max if v is FP8_MAX else v) for k, v in self.constexprs.items()}
+        return sig, consts
+
+
+@dataclass(frozen=True)
+class PipelineVariant:
+    """A whole-layer variant the dispatch table can name: a regime plus the kernels it runs.
+
+    ``kernels`` maps a scheme value (:class:`vllm_moe_aot.shapes.Scheme`) to the kernels run for
+    that scheme, by stage role (``"stage1"``, ``"stage2"``, ``"prep"`` ...) -> :class:`KernelSpec`
+    name; the schemes a variant implements are its keys. ``max_n`` bounds N per scheme where a
+    stage needs a whole row of N in one tile (dynamic re-quantisation in the stage-1 epilogue).
+    ``quantize_activations`` says which reference semantics the variant matches (False: W8A16,
+    activations kept in fp32).
+    """
+
+    name: str
+    regime: str  # "gemv" (single token and decode) | "grouped" (prefill)
+    kernels: dict[str, dict[str, str]]
+    quantize_activations: bool
+    max_n: dict[str, int] = field(default_factory=dict)

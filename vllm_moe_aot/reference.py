@@ -1,0 +1,147 @@
+"""Float64 reference for the fused FP8 MoE layer and the one correctness gate.
+
+Semantics (what every pipeline variant must compute, up to rounding):
+
+    out[m] = sum_j  w[m, j] * down_e( q2( silu(gate_e(q1(x[m]))) * up_e(q1(x[m])) ) )
+
+with ``e = topk_ids[m, j]``, weights dequantised by their scales (per expert, or per output
+channel for ptpc) and ``q1``/``q2`` the activation quantisation of the scheme:
+
+- ``fp8_ptpc`` and ``fp8_per_tensor_dynamic``: dynamic per token, scale
+  ``max(amax(row) / FP8_MAX, 1 / (FP8_MAX * 512))`` (vLLM's floor). For the per-tensor dynamic
+  scheme we deliberately quantise per token: a finer scale than vLLM's single tensor-wide one,
+  so its error is never larger and no grid-wide reduction is needed.
+- ``fp8_per_tensor_static``: the checkpoint's scalar scales ``a13_scale`` / ``a2_scale``.
+- ``quantize_activations=False``: W8A16, activations are not quantised at all (the decode
+  kernels dequantise weights in registers and keep activations in fp32).
+
+Quantisation clamps to +-FP8_MAX (NaN stays NaN) and rounds to nearest even.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_moe_aot.shapes import Scheme
+
+#: Thresholds of :func:`gate`, against the float64 reference of the same semantics. Stricter
+#: than vLLM's own FP8 MoE tests (mean relative error < 0.05).
+GATE_REL_FRO = 2e-2
+GATE_MEAN_REL_ABS = 2e-2
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)
+
+
+def min_scale(dtype: torch.dtype) -> float:
+    """Smallest dynamic scale, as vLLM floors it (keeps all-zero rows finite)."""
+    return 1.0 / (fp8_max(dtype) * 512.0)
+
+
+def quantize(t: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+    """Round ``t / scale`` to ``fp8_dtype`` (clamped, RNE) and return it dequantised, float64."""
+    m = fp8_max(fp8_dtype)
+    q = (t.double() / scale).clamp(-m, m)  # clamp keeps NaN
+    return q.float().to(fp8_dtype).double() * scale
+
+
+def _act_quant(t: torch.Tensor, scheme: Scheme, static_scale, fp8_dtype) -> torch.Tensor:
+    if scheme.static_activations:
+        if static_scale is None:
+            raise ValueError(f"{scheme.value} needs static activation scales")
+        return quantize(t, torch.as_tensor(static_scale, dtype=torch.float64).reshape(()),
+                        fp8_dtype)
+    amax = t.abs().amax(dim=-1, keepdim=True)
+    scale = torch.clamp(amax / fp8_max(fp8_dtype), min=min_scale(fp8_dtype))
+    # a NaN row's scale is NaN; clamp(min=) keeps NaN, so the row stays NaN like the kernels
+    return quantize(t, scale, fp8_dtype)
+
+
+def reference_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2_scale: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    scheme: Scheme | str,
+    a13_scale: torch.Tensor | None = None,
+    a2_scale: torch.Tensor | None = None,
+    quantize_activations: bool = True,
+) -> torch.Tensor:
+    """The layer in float64 on the CPU: ``[M, K]`` float64.
+
+    ``w13_scale``/``w2_scale`` are ``[E]`` (per tensor) or ``[E, 2N]``/``[E, K]`` (ptpc; a
+    trailing singleton dimension is accepted).
+    """
+    scheme = Scheme.parse(scheme) if isinstance(scheme, str) else scheme
+    fp8 = w13.dtype
+    E, N2, K = w13.shape
+    N = N2 // 2
+    M, topk = topk_ids.shape
+    xd = x.detach().cpu().double()
+    s13 = w13_scale.detach().cpu().double().reshape(E, -1)
+    s2 = w2_scale.detach().cpu().double().reshape(E, -1)
+    ids = topk_ids.detach().cpu().long()
+    tw = topk_weights.detach().cpu().double()
+    out = torch.zeros(M, K, dtype=torch.float64)
+    a1 = _act_quant(xd, scheme, a13_scale, fp8) if quantize_activations else xd
+    for e in ids.unique().tolist():
+        rows, slots = (ids == e).nonzero(as_tuple=True)
+        w13e = w13[e].detach().cpu().double() * s13[e].reshape(-1, 1)  # [2N, K]
+        w2e = w2[e].detach().cpu().double() * s2[e].reshape(-1, 1)  # [K, N]
+        h = a1[rows] @ w13e.T  # [r, 2N]
+        act = torch.nn.functional.silu(h[:, :N]) * h[:, N:]
+        if quantize_activations:
+            act = _act_quant(act, scheme, a2_scale, fp8)
+        y = act @ w2e.T  # [r, K]
+        out.index_add_(0, rows, y * tw[rows, slots].unsqueeze(1))
+    return out
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    rel_fro: float
+    mean_rel_abs: float
+    reason: str = ""
+
+    def __str__(self) -> str:
+        verdict = "pass" if self.passed else f"FAIL ({self.reason})"
+        return f"{verdict}: rel_fro={self.rel_fro:.3e} mean_rel_abs={self.mean_rel_abs:.3e}"
+
+
+def gate(out: torch.Tensor, ref: torch.Tensor, rel_fro_max: float = GATE_REL_FRO,
+         mean_rel_abs_max: float = GATE_MEAN_REL_ABS) -> GateResult:
+    """The correctness gate used by tests and the tuner.
+
+    Passes when the relative Frobenius error ``||out - ref|| / ||ref||`` and the mean relative
+    absolute error ``mean|out - ref| / mean|ref|`` are both under their thresholds and ``out``
+    is NaN/Inf exactly where ``ref`` is (non-finite values are compared by position, the
+    finite ones numerically).
+    """
+    o = out.detach().cpu().double()
+    r = ref.detach().cpu().double()
+    if o.shape != r.shape:
+        return GateResult(False, float("inf"), float("inf"), f"shape {tuple(o.shape)} != "
+                          f"{tuple(r.shape)}")
+    fin_o, fin_r = torch.isfinite(o), torch.isfinite(r)
+    if not torch.equal(fin_o, fin_r):
+        bad = int((fin_o != fin_r).sum())
+        return GateResult(False, float("inf"), float("inf"),
+                          f"{bad} elements finite in one and not the other")
+    o, r = o[fin_r], r[fin_r]
+    denom = r.norm().item()
+    rel_fro = (o - r).norm().item() / denom if denom > 0 else (o - r).norm().item()
+    mabs = r.abs().mean().item() if r.numel() else 0.0
+    mra = (o - r).abs().mean().item() / mabs if mabs > 0 else (o - r).abs().mean().item()
+    reasons = []
+    if not rel_fro <= rel_fro_max:
+        reasons.append(f"rel_fro {rel_fro:.3e} > {rel_fro_max:.1e}")
+    if not mra <= mean_rel_abs_max:
+        reasons.append(f"mean_rel_abs {mra:.3e} > {mean_rel_abs_max:.1e}")
+    return GateResult(not reasons, rel_fro, mra, "; ".join(reasons))

@@ -1,0 +1,123 @@
+"""MoE layer shapes, quantisation schemes and the one place that states what we support.
+
+Everything that must decide "can the AOT pipeline take this layer?" (the vLLM hook, the tuner,
+the benchmark) asks :func:`unsupported_reason`; nothing else re-states these limits.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Scheme(str, enum.Enum):
+    """FP8 quantisation schemes the pipeline implements."""
+
+    #: one fp32 weight scale per expert; activation scale static (checkpoint scalar)
+    FP8_PER_TENSOR_STATIC = "fp8_per_tensor_static"
+    #: one fp32 weight scale per expert; activation scale computed at run time
+    FP8_PER_TENSOR_DYNAMIC = "fp8_per_tensor_dynamic"
+    #: per-output-channel weight scales, dynamic per-token activation scales
+    FP8_PTPC = "fp8_ptpc"
+
+    @property
+    def per_channel_weights(self) -> bool:
+        return self is Scheme.FP8_PTPC
+
+    @property
+    def static_activations(self) -> bool:
+        return self is Scheme.FP8_PER_TENSOR_STATIC
+
+    @property
+    def family(self) -> str:
+        """The two names configs and users speak of: ``fp8_per_tensor`` or ``fp8_ptpc``."""
+        return "fp8_ptpc" if self is Scheme.FP8_PTPC else "fp8_per_tensor"
+
+    @classmethod
+    def parse(cls, name: str) -> Scheme:
+        """Accept the enum value or the family name (``fp8_per_tensor`` means static)."""
+        aliases = {"fp8_per_tensor": cls.FP8_PER_TENSOR_STATIC, "ptpc": cls.FP8_PTPC}
+        if name in aliases:
+            return aliases[name]
+        try:
+            return cls(name)
+        except ValueError:
+            valid = sorted({s.value for s in cls} | set(aliases))
+            raise ValueError(f"unknown quant scheme {name!r}; valid: {', '.join(valid)}") from None
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    """Per-rank MoE layer shape: ``E`` experts, hidden ``K``, intermediate ``N``, ``topk``."""
+
+    E: int
+    K: int
+    N: int
+    topk: int
+
+    def __str__(self) -> str:
+        return f"E={self.E},K={self.K},N={self.N},topk={self.topk}"
+
+    @classmethod
+    def parse(cls, text: str) -> MoEShape:
+        """Parse ``"E,K,N,topk"`` (the bench/tune ``--shape`` argument)."""
+        try:
+            e, k, n, t = (int(v) for v in text.split(","))
+        except ValueError:
+            raise ValueError(f"shape must be 'E,K,N,topk' integers, got {text!r}") from None
+        return cls(e, k, n, t)
+
+    def weight_bytes_per_expert(self) -> int:
+        """fp8 bytes of one expert's w13 and w2."""
+        return 3 * self.N * self.K
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    shape: MoEShape
+    scheme: Scheme
+    model: str
+
+
+PRESETS: dict[str, Preset] = {
+    "qwen3.5-397b-a17b": Preset(
+        "qwen3.5-397b-a17b", MoEShape(E=512, K=4096, N=128, topk=10), Scheme.FP8_PTPC,
+        "Qwen/Qwen3.5-397B-A17B",
+    ),
+    "hy3": Preset(
+        "hy3", MoEShape(E=192, K=4096, N=192, topk=8), Scheme.FP8_PER_TENSOR_STATIC,
+        "tencent/Hunyuan3 (Hy3-FP8)",
+    ),
+}
+
+#: Token counts the shipped configs are tuned for: 1, 2, 4, ..., 131072.
+TUNED_TOKEN_COUNTS: tuple[int, ...] = tuple(2**i for i in range(18))
+
+# The supported set, stated once.  K and N granularity follow the kernel tiles (K is read in
+# 128-wide chunks, N in 32-wide chunks); the upper bounds keep per-program register tiles and
+# the routing workspace inside what the kernels were built for.
+MAX_K = 8192
+K_MULTIPLE = 128
+MAX_N = 1024
+N_MULTIPLE = 32
+MAX_E = 1024
+MAX_TOPK = 16
+
+
+def unsupported_reason(shape: MoEShape, scheme: Scheme | str | None = None) -> str | None:
+    """Return why the AOT pipeline cannot serve ``shape``/``scheme``, or None if it can."""
+    if scheme is not None and not isinstance(scheme, Scheme):
+        try:
+            Scheme.parse(scheme)
+        except ValueError as exc:
+            return str(exc)
+    if not (K_MULTIPLE <= shape.K <= MAX_K and shape.K % K_MULTIPLE == 0):
+        return f"hidden size K={shape.K} must be a multiple of {K_MULTIPLE} up to {MAX_K}"
+    if not (N_MULTIPLE <= shape.N <= MAX_N and shape.N % N_MULTIPLE == 0):
+        return f"intermediate size N={shape.N} must be a multiple of {N_MULTIPLE} up to {MAX_N}"
+    if not 1 <= shape.E <= MAX_E:
+        return f"expert count E={shape.E} must be between 1 and {MAX_E}"
+    if not 1 <= shape.topk <= min(MAX_TOPK, shape.E):
+        return f"topk={shape.topk} must be between 1 and min({MAX_TOPK}, E={shape.E})"
+    return None
