@@ -46,28 +46,37 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _fp8_grid(y, FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr):
-    """Clamp ``y`` to +-FP8_MAX (NaN stays NaN); with EXACT_CAST also round it onto the e4m3
-    grid with round-half-even, so that the following cast is exact.
+def _to_fp8(y, fp8_dtype: tl.constexpr, FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr):
+    """Clamp ``y`` to +-FP8_MAX (NaN stays NaN) and convert to ``fp8_dtype`` (e4m3, RNE).
 
     EXACT_CAST is only set when Triton's CPU interpreter runs the kernel: its fp32 -> fp8
-    conversion rounds wrongly when rounding carries into the exponent. The compiled code
-    objects use the hardware conversion (RNE, saturating) directly.
+    conversion rounds wrongly when rounding carries into the exponent and mangles NaN, so
+    there the e4m3 bit pattern is built arithmetically (round-half-even) and bit-cast. The
+    compiled code objects use the hardware conversion (RNE, saturating) directly.
     """
     y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
     if EXACT_CAST:
-        # e4m3fn: min normal exponent -6; e4m3fnuz (max 240): -7; 3 mantissa bits
+        # e4m3fn: exponent bias 7, NaN 0x7F; e4m3fnuz (max 240): bias 8, NaN 0x80, no -0
         if FP8_MAX > 300.0:
-            emin = -6.0
+            bias = 7.0
+            nan_bits = 127
         else:
-            emin = -7.0
+            bias = 8.0
+            nan_bits = 128
         a = tl.abs(y)
-        e = tl.maximum(tl.floor(tl.log2(tl.maximum(a, 1e-30))), emin)
-        step = tl.exp2(e - 3.0)
-        q = _round_half_even(a / step) * step
-        q = tl.minimum(q, FP8_MAX)
-        y = tl.where(y != y, y, tl.where(y < 0, -q, q))
-    return y
+        e = tl.maximum(tl.floor(tl.log2(tl.maximum(a, 1e-30))), 1.0 - bias)
+        mant = _round_half_even(a / tl.exp2(e - 3.0))  # 8..16 normal, 0..8 subnormal
+        carry = mant >= 16.0
+        e = tl.where(carry, e + 1.0, e)
+        mant = tl.where(carry, mant * 0.5, mant)
+        normal = mant >= 8.0
+        efield = tl.where(normal, e + bias, 0.0)
+        mfield = tl.where(normal, mant - 8.0, mant)
+        bits = (efield * 8.0 + mfield).to(tl.int32)
+        sign = tl.where((y < 0) & (bits > 0), 128, 0)
+        bits = tl.where(y != y, nan_bits, bits + sign)
+        return bits.to(tl.uint8).to(fp8_dtype, bitcast=True)
+    return y.to(fp8_dtype)
 
 
 @triton.jit
@@ -121,33 +130,39 @@ def moe_gemv_stage1(
 def moe_gemv_stage2(
     act_ptr, w2_ptr, w2_scale_ptr, topk_ids_ptr, topk_weights_ptr, out_ptr,
     N, K, topk,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, TOPK_PAD: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
 ):
+    """All top-k experts of one token are loaded as one [TOPK_PAD, BLOCK_K, BLOCK_N] tile, so
+    every weight byte of the program is in flight at once (a loop over experts would pay the
+    memory latency topk times)."""
     tok = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1)
+    offs_j = tl.arange(0, TOPK_PAD)
+    mask_j = offs_j < topk
+    pairs = tok * topk + offs_j
+    e = tl.load(topk_ids_ptr + pairs, mask=mask_j, other=0).to(tl.int64)
+    rw = tl.load(topk_weights_ptr + pairs, mask=mask_j, other=0.0)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     offs_n = tl.arange(0, BLOCK_N)
-    out_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for j in range(0, topk):
-        pair = tok * topk + j
-        e = tl.load(topk_ids_ptr + pair).to(tl.int64)
-        rw = tl.load(topk_weights_ptr + pair)
-        w_ptrs = w2_ptr + e * K * N + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :]
-        a_ptrs = act_ptr + pair * N + offs_n
-        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            mask_n = (n0 + offs_n) < N
-            a = tl.load(a_ptrs + n0, mask=mask_n, other=0.0)
-            w = tl.load(w_ptrs + n0, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc += w.to(tl.float32) * a[None, :]
-        y = tl.sum(acc, axis=1)
-        if PER_CHANNEL:
-            y = y * tl.load(w2_scale_ptr + e * K + offs_k, mask=mask_k, other=0.0)
-        else:
-            y = y * tl.load(w2_scale_ptr + e)
-        out_acc += rw * y
-    tl.store(out_ptr + tok * K + offs_k, out_acc.to(out_ptr.dtype.element_ty), mask=mask_k)
+    w_ptrs = (w2_ptr + e[:, None, None] * K * N + offs_k.to(tl.int64)[None, :, None] * N
+              + offs_n[None, None, :])
+    a_ptrs = act_ptr + pairs[:, None] * N + offs_n[None, :]
+    mask_jk = mask_j[:, None, None] & mask_k[None, :, None]
+    acc = tl.zeros([TOPK_PAD, BLOCK_K], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        mask_n = (n0 + offs_n) < N
+        a = tl.load(a_ptrs + n0, mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(w_ptrs + n0, mask=mask_jk & mask_n[None, None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * a[:, None, :], axis=2)
+    if PER_CHANNEL:
+        s = tl.load(w2_scale_ptr + e[:, None] * K + offs_k[None, :],
+                    mask=mask_j[:, None] & mask_k[None, :], other=0.0)
+    else:
+        s = tl.load(w2_scale_ptr + e, mask=mask_j, other=0.0)[:, None]
+    y = tl.sum(acc * s * rw[:, None], axis=0)
+    tl.store(out_ptr + tok * K + offs_k, y.to(out_ptr.dtype.element_ty), mask=mask_k)
 
 
 # --------------------------------------------------------------------------- grouped regime
@@ -179,8 +194,8 @@ def moe_prep(
     for k0 in range(0, K, BLOCK_K):
         mk = (k0 + offs_k) < K
         v = tl.load(row + k0 + offs_k, mask=mk, other=0.0).to(tl.float32)
-        q = _fp8_grid(v / scale, FP8_MAX, EXACT_CAST)
-        tl.store(xq_ptr + m * K + k0 + offs_k, q.to(xq_ptr.dtype.element_ty), mask=mk)
+        q = _to_fp8(v / scale, xq_ptr.dtype.element_ty, FP8_MAX, EXACT_CAST)
+        tl.store(xq_ptr + m * K + k0 + offs_k, q, mask=mk)
 
 
 @triton.jit
@@ -262,8 +277,10 @@ def moe_grouped_stage1(
         a = tl.load(a_ptrs + k0, mask=valid[:, None], other=0.0)
         bg = tl.load(g_ptrs + k0, mask=mask_n[None, :], other=0.0)
         bu = tl.load(u_ptrs + k0, mask=mask_n[None, :], other=0.0)
-        acc_g = tl.dot(a, bg, acc_g)
-        acc_u = tl.dot(a, bu, acc_u)
+        # Hopper's fp8 MMA accumulates in reduced precision: promote each BLOCK_K chunk
+        # into the fp32 accumulator instead of chaining the MMA accumulator over all of K.
+        acc_g += tl.dot(a, bg)
+        acc_u += tl.dot(a, bu)
     if STATIC:
         a_s = tl.load(a13_static_ptr)
         acc_g = acc_g * a_s
@@ -283,16 +300,16 @@ def moe_grouped_stage1(
     act = _silu_mul(acc_g, acc_u)
     if STATIC:
         s2 = tl.load(a2_static_ptr)
-        q = _fp8_grid(act / s2, FP8_MAX, EXACT_CAST)
+        q = _to_fp8(act / s2, actq_ptr.dtype.element_ty, FP8_MAX, EXACT_CAST)
     else:
         keep = mask_n[None, :]
         amax = tl.max(tl.where(keep, tl.abs(act), 0.0), axis=1)
         nan = tl.max(tl.where(keep & (act != act), 1, 0), axis=1) > 0
         s2 = _row_scale(amax, nan, FP8_MAX)
         tl.store(act_scale_ptr + offs_m, s2, mask=valid)
-        q = _fp8_grid(act / s2[:, None], FP8_MAX, EXACT_CAST)
+        q = _to_fp8(act / s2[:, None], actq_ptr.dtype.element_ty, FP8_MAX, EXACT_CAST)
     dst = actq_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    tl.store(dst, q.to(actq_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
+    tl.store(dst, q, mask=valid[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -322,7 +339,7 @@ def moe_grouped_stage2(
         mask_n = (n0 + offs_n) < N
         a = tl.load(a_ptrs + n0, mask=valid[:, None] & mask_n[None, :], other=0.0)
         w = tl.load(b_ptrs + n0, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(a, w, acc)
+        acc += tl.dot(a, w)
     if STATIC:
         acc = acc * tl.load(a2_static_ptr)
     else:
@@ -365,8 +382,9 @@ _ALIGN16 = ("N", "K")
 
 def _gemv_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
     specs: list[KernelSpec] = []
-    s1_tiles = [(8, 512), (16, 256), (32, 128)]  # (BLOCK_N, BLOCK_K): 4096 fp32 per acc
-    s2_tiles = [(16, 128), (32, 64), (64, 64)]  # (BLOCK_K out cols, BLOCK_N reduction)
+    s1_tiles = [(4, 1024), (8, 512), (16, 256)]  # (BLOCK_N, BLOCK_K): 4096 fp32 per acc
+    # (BLOCK_K out cols, BLOCK_N reduction) with TOPK_PAD=16: 8192 fp32 per acc tile
+    s2_tiles = [(4, 128), (8, 64), (16, 32)]
     for pc in (False, True):
         tag = "pc" if pc else "pt"
         for bn, bk in s1_tiles:
@@ -386,7 +404,7 @@ def _gemv_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
                 signature={"act_ptr": "*fp32", "w2_ptr": FP8_PTR, "w2_scale_ptr": "*fp32",
                            "topk_ids_ptr": "*i32", "topk_weights_ptr": "*fp32",
                            "out_ptr": "*bf16", "N": "i32", "K": "i32", "topk": "i32"},
-                constexprs={"BLOCK_K": bk, "BLOCK_N": bn, "PER_CHANNEL": pc},
+                constexprs={"BLOCK_K": bk, "BLOCK_N": bn, "TOPK_PAD": 16, "PER_CHANNEL": pc},
                 divisible_by_16=("act_ptr", "w2_ptr", "out_ptr", *_ALIGN16),
                 num_warps=4, num_stages=2))
     variants = []
@@ -407,7 +425,7 @@ def _gemv_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
 _S1_TILES = {
     "m16": (16, 128, 128, 4, 3),
     "m64": (64, 128, 128, 4, 3),
-    "m64n64": (64, 64, 128, 4, 4),
+    "m64n64": (64, 64, 128, 4, 3),
     "m64n256": (64, 256, 128, 8, 3),
     "m128": (128, 128, 128, 8, 3),
 }

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from vllm_moe_aot.runtime import Runtime
 from vllm_moe_aot.shapes import MoEShape, Scheme, unsupported_reason
 
 #: Token chunk the workspace is sized for when a caller asks for more.
@@ -87,10 +86,14 @@ class Workspace:
 
 
 class FusedMoE:
-    """One MoE layer shape + scheme on one device; runs any of its compiled variants."""
+    """One MoE layer shape + scheme on one device; runs any of its compiled variants.
+
+    ``runtime`` defaults to the process-wide :class:`vllm_moe_aot.runtime.Runtime` of
+    ``device``; kernel-development tools pass their own (e.g. a Triton-JIT one).
+    """
 
     def __init__(self, shape: MoEShape, scheme: Scheme | str, device: torch.device | str,
-                 max_tokens: int = 8192):
+                 max_tokens: int = 8192, runtime: Any = None):
         scheme = Scheme.parse(scheme) if isinstance(scheme, str) else scheme
         reason = unsupported_reason(shape, scheme)
         if reason:
@@ -101,7 +104,11 @@ class FusedMoE:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.runtime = Runtime.get(self.device)
+        if runtime is None:
+            from vllm_moe_aot.runtime import Runtime
+
+            runtime = Runtime.get(self.device)
+        self.runtime = runtime
         self.fp8 = _fp8_dtype(self.runtime.target)
         self._variants: dict[str, dict] = {}
         self._stages: dict[str, dict[str, _Stage]] = {}

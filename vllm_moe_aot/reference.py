@@ -27,9 +27,10 @@ import torch
 from vllm_moe_aot.shapes import Scheme
 
 #: Thresholds of :func:`gate`, against the float64 reference of the same semantics. Stricter
-#: than vLLM's own FP8 MoE tests (mean relative error < 0.05).
-GATE_REL_FRO = 2e-2
-GATE_MEAN_REL_ABS = 2e-2
+#: than vLLM's own FP8 MoE tests (mean relative error < 0.05); vLLM's stock Triton path
+#: measures 1.2e-2 to 2.0e-2 against the same reference on our H100, so it passes too.
+GATE_REL_FRO = 3e-2
+GATE_MEAN_REL_ABS = 3e-2
 
 
 def fp8_max(dtype: torch.dtype) -> float:
@@ -52,8 +53,8 @@ def _act_quant(t: torch.Tensor, scheme: Scheme, static_scale, fp8_dtype) -> torc
     if scheme.static_activations:
         if static_scale is None:
             raise ValueError(f"{scheme.value} needs static activation scales")
-        return quantize(t, torch.as_tensor(static_scale, dtype=torch.float64).reshape(()),
-                        fp8_dtype)
+        scale = torch.as_tensor(static_scale).detach().cpu().double().reshape(())
+        return quantize(t, scale, fp8_dtype)
     amax = t.abs().amax(dim=-1, keepdim=True)
     scale = torch.clamp(amax / fp8_max(fp8_dtype), min=min_scale(fp8_dtype))
     # a NaN row's scale is NaN; clamp(min=) keeps NaN, so the row stays NaN like the kernels
