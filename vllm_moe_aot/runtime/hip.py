@@ -1,0 +1,178 @@
+"""ROCm launcher: HSACOs through hip-python (``from hip import hip``).
+
+Same structure as :mod:`vllm_moe_aot.runtime.cuda`: ``hipModuleLoadData`` +
+``hipModuleGetFunction`` once per process and device, then ``hipModuleLaunchKernel`` with the
+kernel's preallocated parameter buffer on PyTorch's current stream.
+
+Shared memory (LDS): Triton's AMD kernels declare it as dynamic shared memory, and Triton's own
+HIP launcher passes it at launch without any per-function attribute; we do the same, after
+checking it against the device's per-block limit. ``pdl`` is a CUDA feature and is ignored here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from vllm_moe_aot.runtime.code_object import CodeObject
+from vllm_moe_aot.runtime.cuda import torch_stream_fn
+from vllm_moe_aot.runtime.errors import CodeObjectError, DriverError, LaunchArgumentError
+from vllm_moe_aot.runtime.kernel import Kernel, bad_grid, grid3
+from vllm_moe_aot.runtime.params import ParamPack
+from vllm_moe_aot.runtime.scratch import Scratch, scratch_values
+
+_HINTS = {
+    "hipErrorNoBinaryForGpu": "the code object is for another GPU (gfx942 vs gfx950?)",
+    "hipErrorInvalidImage": "the HSACO is corrupt or not for this GPU",
+    "hipErrorInvalidValue": "check the grid and the arguments",
+    "hipErrorInvalidDevice": "set the HIP device (torch.cuda.set_device) before launching",
+}
+
+
+def _bytes_str(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _torch_device_guard(device_index: int) -> Callable[[], contextlib.AbstractContextManager]:
+    def guard() -> contextlib.AbstractContextManager:
+        import torch
+
+        return torch.cuda.device(device_index)
+
+    return guard
+
+
+class HipLauncher:
+    """Loads HSACOs on one ROCm device. ``driver`` defaults to hip-python's ``hip`` module."""
+
+    def __init__(
+        self,
+        device_index: int,
+        target: str,
+        *,
+        driver: Any = None,
+        stream_fn: Callable[[], int] | None = None,
+        device_guard: Callable[[], contextlib.AbstractContextManager] | None = None,
+        alloc: Callable[[int], tuple[int, object]] | None = None,
+    ):
+        if driver is None:
+            try:
+                from hip import hip as hip_driver
+            except ImportError as e:
+                raise ImportError(
+                    "ROCm launches need hip-python matching your ROCm version: "
+                    "pip install 'vllm-moe-aot[rocm]' (or hip-python==<your ROCm>.*)"
+                ) from e
+            driver = hip_driver
+        self.drv = driver
+        self.target = target
+        self.device_index = device_index
+        self._stream_fn = stream_fn or torch_stream_fn(device_index)
+        self._guard = device_guard or _torch_device_guard(device_index)
+        self._alloc = alloc
+        self.SUCCESS = driver.hipError_t.hipSuccess
+        attrs = driver.hipDeviceAttribute_t
+        limit = 0
+        for name in ("hipDeviceAttributeSharedMemPerBlockOptin",
+                     "hipDeviceAttributeMaxSharedMemoryPerBlock"):
+            if hasattr(attrs, name):
+                limit = max(limit, int(self.check("hipDeviceGetAttribute",
+                                                  driver.hipDeviceGetAttribute(
+                                                      getattr(attrs, name), device_index))))
+        self.max_shared = limit
+
+    def error(self, call: str, status: Any, kernel: str | None = None, where: str = "",
+              ) -> DriverError:
+        name = getattr(status, "name", str(status))
+        text = ""
+        try:
+            _, text = self.drv.hipGetErrorString(status)
+            text = _bytes_str(text)
+        except Exception:  # noqa: BLE001 - only improves the message
+            pass
+        subject = f"kernel {kernel!r}{where}" if kernel else f"HIP device {self.device_index}"
+        msg = f"{call} failed for {subject}: {name}" + (f" ({text})" if text else "")
+        if name in _HINTS:
+            msg += f"; {_HINTS[name]}"
+        return DriverError(msg, call=call, status=status, kernel=kernel)
+
+    def check(self, call: str, result: Any, kernel: str | None = None, where: str = "") -> Any:
+        status = result[0]
+        if status != self.SUCCESS:
+            raise self.error(call, status, kernel, where)
+        return result[1] if len(result) == 2 else (result[1:] or None)
+
+    def load(self, co: CodeObject, *, max_programs: int | None = None) -> HipKernel:
+        e, drv = co.entry, self.drv
+        where = f" ({e.target}, {co.path})"
+        if e.target != self.target:
+            raise CodeObjectError(f"kernel {e.name!r}{where}: a {e.target} code object cannot "
+                                  f"load on this {self.target} device")
+        if e.shared > self.max_shared:
+            raise CodeObjectError(
+                f"kernel {e.name!r}{where} needs {e.shared} bytes of shared memory (LDS) per "
+                f"block; HIP device {self.device_index} allows at most {self.max_shared}. Pick "
+                f"a variant with smaller tiles or fewer stages"
+            )
+        with self._guard():
+            module = self.check("hipModuleLoadData", drv.hipModuleLoadData(co.data), e.name,
+                                where)
+            func = self.check("hipModuleGetFunction",
+                              drv.hipModuleGetFunction(module, e.symbol.encode()), e.name, where)
+            fattr = drv.hipFunction_attribute
+            max_threads = int(self.check("hipFuncGetAttribute", drv.hipFuncGetAttribute(
+                fattr.HIP_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, func), e.name, where))
+            if e.threads_per_block > max_threads:
+                raise CodeObjectError(
+                    f"kernel {e.name!r}{where}: {e.threads_per_block} threads per block, but "
+                    f"the device allows {max_threads} for it; build it with fewer warps"
+                )
+        return HipKernel(self, co, module, func, max_programs)
+
+
+class HipKernel(Kernel):
+    def __init__(self, launcher: HipLauncher, co: CodeObject, module: Any, func: Any,
+                 max_programs: int | None):
+        e = co.entry
+        self.name, self.target, self.entry, self.path = e.name, e.target, e, co.path
+        self.launcher = launcher
+        self.module, self.func = module, func
+        self.params = ParamPack(e.name, [p.name for p in e.params], [p.type for p in e.params],
+                                sum(p.appended for p in e.params))
+        self.scratch = Scratch.for_entry(e, max_programs, launcher._alloc, launcher.device_index)
+        self.params.set_appended(scratch_values(e, self.scratch))
+        self._write = self.params.write
+        self._addr = self.params.address
+        self._threads = e.threads_per_block
+        self._shared = e.shared
+        self._stream = launcher._stream_fn
+        self._launch_fn = launcher.drv.hipModuleLaunchKernel
+        self._ok = launcher.SUCCESS
+        self._max_programs = self.scratch.max_programs if self.scratch else None
+        if e.launch_cooperative_grid:
+            raise CodeObjectError(f"kernel {e.name!r}: cooperative launches are not supported "
+                                  f"by the HIP launcher")
+
+    def launch(self, grid: Any, *args: Any, pdl: bool = False) -> None:
+        try:
+            self._write(*args)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise self._arg_error(args, exc) from None
+        gx, gy, gz = grid3(grid, self.name)
+        try:
+            if gx <= 0 or gy <= 0 or gz <= 0:
+                if gx < 0 or gy < 0 or gz < 0:
+                    raise bad_grid(grid, self.name)
+                return
+        except TypeError:
+            raise bad_grid(grid, self.name) from None
+        if self._max_programs is not None and gx * gy * gz > self._max_programs:
+            raise LaunchArgumentError(
+                f"kernel {self.name!r}: grid {grid!r} has more programs than the "
+                f"{self._max_programs} its scratch buffer was sized for (max_programs)")
+        (err,) = self._launch_fn(self.func, gx, gy, gz, self._threads, 1, 1, self._shared,
+                                 self._stream(), self._addr, None)
+        if err != self._ok:
+            raise self.launcher.error("hipModuleLaunchKernel", err, self.name,
+                                      f" ({self.target}, {self.path})")

@@ -1,0 +1,102 @@
+"""CPU launcher for tests: runs each kernel's Triton source under Triton's interpreter.
+
+It stands in for a GPU launcher with the same contract: the manifest entry (the sm_90a one)
+gives the source function, constexprs and ``num_warps``; ``launch`` takes exactly the same
+positional arguments as the real launchers, checked the same way, with torch CPU tensors.
+``TRITON_INTERPRET=1`` must be set before triton or any kernel module is imported (tests do it in
+``conftest.py``). A constexpr named ``EXACT_CAST`` is forced to True: the kernels use it to route
+fp32 -> fp8 casts through an exact conversion because the interpreter rounds them wrongly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+from vllm_moe_aot.runtime.errors import AotRuntimeError, CodeObjectError
+from vllm_moe_aot.runtime.kernel import Kernel, bad_grid, grid3
+from vllm_moe_aot.runtime.manifest import ObjectEntry
+from vllm_moe_aot.runtime.params import ParamPack
+
+#: the manifest target whose entries the interpreter follows
+REFERENCE_TARGET = "sm_90a"
+EXACT_CAST = "EXACT_CAST"
+
+
+def decode_constexpr(v: Any) -> Any:
+    """Inverse of the build's JSON encoding of constexpr values (``{"dtype": "bf16"}``)."""
+    if isinstance(v, dict) and set(v) == {"dtype"}:
+        import triton.language as tl
+
+        return tl.dtype(v["dtype"])
+    return v
+
+
+def import_source(source: str, kernel: str) -> Any:
+    mod_name, _, fn_name = source.partition(":")
+    if not mod_name or not fn_name:
+        raise CodeObjectError(f"kernel {kernel!r}: source {source!r} is not 'module:function'")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise CodeObjectError(
+            f"kernel {kernel!r}: cannot import {mod_name!r} for the interpreter ({e}); the "
+            f"interpreter needs the source checkout's root on sys.path"
+        ) from e
+    try:
+        return getattr(mod, fn_name)
+    except AttributeError:
+        raise CodeObjectError(f"kernel {kernel!r}: {mod_name} has no {fn_name!r}") from None
+
+
+class InterpreterLauncher:
+    target = "interpreter"
+
+    def __init__(self) -> None:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise AotRuntimeError(
+                "the CPU (interpreter) launcher needs TRITON_INTERPRET=1 set before triton and "
+                "the kernel modules are imported (tests set it in tests/conftest.py)"
+            )
+
+    def load(self, entry: ObjectEntry, *, max_programs: int | None = None) -> InterpretedKernel:
+        fn = import_source(entry.source, entry.name)
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(fn, InterpretedFunction):
+            raise AotRuntimeError(
+                f"kernel {entry.name!r}: {entry.source} was compiled for a GPU, not for the "
+                f"interpreter: TRITON_INTERPRET=1 must be set before triton or {entry.source} "
+                f"is first imported (set it at the very top of conftest.py or the script)"
+            )
+        return InterpretedKernel(entry, fn)
+
+
+class InterpretedKernel(Kernel):
+    def __init__(self, entry: ObjectEntry, fn: Any):
+        self.name, self.target, self.entry = entry.name, "interpreter", entry
+        self.fn = fn
+        consts = {k: decode_constexpr(v) for k, v in entry.constexprs.items()}
+        if EXACT_CAST in consts:
+            consts[EXACT_CAST] = True
+        self.constexprs = consts
+        self.params = ParamPack(entry.name, [p.name for p in entry.params],
+                                [p.type for p in entry.params],
+                                sum(p.appended for p in entry.params))
+        self._write = self.params.write
+
+    def launch(self, grid: Any, *args: Any, pdl: bool = False) -> None:
+        try:
+            self._write(*args)  # the same argument checks as the GPU launchers
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise self._arg_error(args, exc) from None
+        gx, gy, gz = grid3(grid, self.name)
+        try:
+            if gx <= 0 or gy <= 0 or gz <= 0:
+                if gx < 0 or gy < 0 or gz < 0:
+                    raise bad_grid(grid, self.name)
+                return
+        except TypeError:
+            raise bad_grid(grid, self.name) from None
+        self.fn[(gx, gy, gz)](*args, **self.constexprs, num_warps=self.entry.num_warps)
