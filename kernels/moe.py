@@ -23,6 +23,8 @@ All element offsets that can pass 2**31 are computed in int64.
 
 from __future__ import annotations
 
+import itertools
+
 import triton
 import triton.language as tl
 
@@ -77,6 +79,30 @@ def _to_fp8(y, fp8_dtype: tl.constexpr, FP8_MAX: tl.constexpr, EXACT_CAST: tl.co
         bits = tl.where(y != y, nan_bits, bits + sign)
         return bits.to(tl.uint8).to(fp8_dtype, bitcast=True)
     return y.to(fp8_dtype)
+
+
+@triton.jit
+def _fp8_operand(q, FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr):
+    """An fp8 activation tile as an MMA operand. Compiled: unchanged (fp8 x fp8 MMA). Under
+    the interpreter (EXACT_CAST) it is decoded to fp32 from its bits, because the interpreter
+    decodes the e4m3 NaN pattern as 480 and a NaN input would silently turn finite."""
+    if EXACT_CAST:
+        if FP8_MAX > 300.0:
+            bias = 7.0
+        else:
+            bias = 8.0
+        bits = q.to(tl.uint8, bitcast=True).to(tl.int32)
+        e = ((bits >> 3) & 15).to(tl.float32)
+        m = (bits & 7).to(tl.float32)
+        mag = tl.where(e == 0.0, m * tl.exp2(-2.0 - bias), (8.0 + m) * tl.exp2(e - bias - 3.0))
+        if FP8_MAX > 300.0:
+            nan = (bits & 127) == 127
+            val = tl.where((bits & 128) != 0, -mag, mag)
+        else:
+            nan = bits == 128
+            val = tl.where((bits & 128) != 0, -mag, mag)
+        return tl.where(nan, float("nan"), val)
+    return q
 
 
 @triton.jit
@@ -168,12 +194,13 @@ def moe_gemv_stage2(
 # --------------------------------------------------------------------------- grouped regime
 @triton.jit
 def moe_prep(
-    x_ptr, xq_ptr, a_scale_ptr, static_scale_ptr, topk_ids_ptr, counts_ptr,
+    x_ptr, xq_ptr, a_scale_ptr, static_scale_ptr, topk_ids_ptr, counts_ptr, acc_ptr,
     K, topk,
     BLOCK_K: tl.constexpr, TOPK_PAD: tl.constexpr, STATIC: tl.constexpr,
-    FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr,
+    ZERO_ACC: tl.constexpr, FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr,
 ):
-    """Quantise one token row of x to fp8 and count its experts."""
+    """Quantise one token row of x to fp8 and count its experts; with ZERO_ACC also clear the
+    token's fp32 output accumulator row for the atomic stage 2."""
     m = tl.program_id(0).to(tl.int64)
     offs_t = tl.arange(0, TOPK_PAD)
     ids = tl.load(topk_ids_ptr + m * topk + offs_t, mask=offs_t < topk, other=0)
@@ -196,6 +223,8 @@ def moe_prep(
         v = tl.load(row + k0 + offs_k, mask=mk, other=0.0).to(tl.float32)
         q = _to_fp8(v / scale, xq_ptr.dtype.element_ty, FP8_MAX, EXACT_CAST)
         tl.store(xq_ptr + m * K + k0 + offs_k, q, mask=mk)
+        if ZERO_ACC:
+            tl.store(acc_ptr + m * K + k0 + offs_k, tl.zeros([BLOCK_K], tl.float32), mask=mk)
 
 
 @triton.jit
@@ -279,6 +308,10 @@ def moe_grouped_stage1(
         bu = tl.load(u_ptrs + k0, mask=mask_n[None, :], other=0.0)
         # Hopper's fp8 MMA accumulates in reduced precision: promote each BLOCK_K chunk
         # into the fp32 accumulator instead of chaining the MMA accumulator over all of K.
+        if EXACT_CAST:
+            a = _fp8_operand(a, FP8_MAX, EXACT_CAST)
+            bg = bg.to(tl.float32)
+            bu = bu.to(tl.float32)
         acc_g += tl.dot(a, bg)
         acc_u += tl.dot(a, bu)
     if STATIC:
@@ -315,12 +348,15 @@ def moe_grouped_stage1(
 @triton.jit
 def moe_grouped_stage2(
     actq_ptr, act_scale_ptr, a2_static_ptr, w2_ptr, w2_scale_ptr, topk_weights_ptr,
-    sorted_ids_ptr, block_expert_ptr, total_ptr, partial_ptr,
-    N, K, num_pairs,
+    sorted_ids_ptr, block_expert_ptr, total_ptr, partial_ptr, acc_ptr,
+    N, K, topk, num_pairs,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    PER_CHANNEL: tl.constexpr, STATIC: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, STATIC: tl.constexpr, ATOMIC: tl.constexpr,
+    FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr,
 ):
-    """partial[pair, cols] = w_pair * (act_q[row] W2_e^T)[cols] for one block of sorted rows."""
+    """y = w_pair * (act_q[row] W2_e^T)[cols] for one block of sorted rows, written as bf16
+    partials per pair, or (ATOMIC) added into the token's fp32 accumulator row: no
+    [pairs, K] round trip through memory, at the price of a non-deterministic sum order."""
     b = tl.program_id(0)
     pid_k = tl.program_id(1)
     if b * BLOCK_M >= tl.load(total_ptr):
@@ -339,6 +375,9 @@ def moe_grouped_stage2(
         mask_n = (n0 + offs_n) < N
         a = tl.load(a_ptrs + n0, mask=valid[:, None] & mask_n[None, :], other=0.0)
         w = tl.load(b_ptrs + n0, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if EXACT_CAST:
+            a = _fp8_operand(a, FP8_MAX, EXACT_CAST)
+            w = w.to(tl.float32)
         acc += tl.dot(a, w)
     if STATIC:
         acc = acc * tl.load(a2_static_ptr)
@@ -350,21 +389,31 @@ def moe_grouped_stage2(
         acc = acc * tl.load(w2_scale_ptr + e)
     rw = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0)
     acc = acc * rw[:, None]
-    dst = partial_ptr + tl.where(valid, pair, 0).to(tl.int64)[:, None] * K + offs_k[None, :]
-    tl.store(dst, acc.to(partial_ptr.dtype.element_ty), mask=valid[:, None] & mask_k[None, :])
+    safe = tl.where(valid, pair, 0).to(tl.int64)
+    if ATOMIC:
+        dst = acc_ptr + (safe // topk)[:, None] * K + offs_k[None, :]
+        tl.atomic_add(dst, acc, mask=valid[:, None] & mask_k[None, :], sem="relaxed")
+    else:
+        dst = partial_ptr + safe[:, None] * K + offs_k[None, :]
+        tl.store(dst, acc.to(partial_ptr.dtype.element_ty),
+                 mask=valid[:, None] & mask_k[None, :])
 
 
 @triton.jit
 def moe_topk_reduce(
-    partial_ptr, out_ptr, K, topk,
-    BLOCK_K: tl.constexpr,
+    partial_ptr, acc_ptr, out_ptr, K, topk,
+    BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
 ):
+    """out[tok] = bf16(sum of the token's top-k partials), or of its fp32 accumulator row."""
     tok = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = offs < K
-    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for j in range(0, topk):
-        acc += tl.load(partial_ptr + (tok * topk + j) * K + offs, mask=mask, other=0.0)
+    if ATOMIC:
+        acc = tl.load(acc_ptr + tok * K + offs, mask=mask, other=0.0)
+    else:
+        acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for j in range(0, topk):
+            acc += tl.load(partial_ptr + (tok * topk + j) * K + offs, mask=mask, other=0.0)
     tl.store(out_ptr + tok * K + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -378,13 +427,18 @@ SCHEME_FLAGS = {
 _SHORT = {"fp8_ptpc": "ptpc", "fp8_per_tensor_static": "pts", "fp8_per_tensor_dynamic": "ptd"}
 
 _ALIGN16 = ("N", "K")
+#: gemv reads every (token, slot) pair's expert weights separately: past a few hundred tokens
+#: the grouped regime always wins
+GEMV_MAX_TOKENS = 512
 
 
 def _gemv_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
     specs: list[KernelSpec] = []
-    s1_tiles = [(4, 1024), (8, 512), (16, 256)]  # (BLOCK_N, BLOCK_K): 4096 fp32 per acc
+    # (BLOCK_N, BLOCK_K): 4096 fp32 per accumulator. Wide K tiles keep a program's whole
+    # weight row in flight at once (latency, not bandwidth, limits a single token).
+    s1_tiles = [(1, 4096), (2, 2048), (4, 1024), (8, 512)]
     # (BLOCK_K out cols, BLOCK_N reduction) with TOPK_PAD=16: 8192 fp32 per acc tile
-    s2_tiles = [(4, 128), (8, 64), (16, 32)]
+    s2_tiles = [(4, 128), (8, 64)]
     for pc in (False, True):
         tag = "pc" if pc else "pt"
         for bn, bk in s1_tiles:
@@ -417,7 +471,7 @@ def _gemv_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
                                    "stage2": f"gemv_s2_{tag}_k{bk2}_n{bn2}"}
             variants.append(PipelineVariant(
                 name=f"gemv_n{bn}_k{bk}.k{bk2}_n{bn2}", regime="gemv", kernels=kernels,
-                quantize_activations=False))
+                quantize_activations=False, max_tokens=GEMV_MAX_TOKENS))
     return specs, variants
 
 
@@ -429,11 +483,12 @@ _S1_TILES = {
     "m64n256": (64, 256, 128, 8, 3),
     "m128": (128, 128, 128, 8, 3),
 }
-# (BLOCK_M, BLOCK_K out cols, BLOCK_N reduction, warps, stages)
+# (BLOCK_M, atomic) -> (BLOCK_M, BLOCK_K out cols, BLOCK_N reduction, warps, stages)
 _S2_TILES = {
-    16: (16, 128, 128, 4, 3),
-    64: (64, 128, 128, 4, 3),
-    128: (128, 128, 128, 8, 3),
+    (16, False): (16, 128, 128, 4, 3),
+    (64, False): (64, 128, 128, 4, 3),
+    (128, False): (128, 128, 128, 8, 3),
+    (64, True): (64, 128, 128, 4, 3),
 }
 
 
@@ -441,16 +496,18 @@ def _grouped_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
     specs: list[KernelSpec] = []
     e_pad = 1024  # MAX_E in vllm_moe_aot.shapes
     for static in (False, True):
-        specs.append(KernelSpec(
-            name=f"prep_{'static' if static else 'dyn'}", source=f"{_SRC}:moe_prep",
-            family="prep",
-            signature={"x_ptr": "*bf16", "xq_ptr": FP8_PTR, "a_scale_ptr": "*fp32",
-                       "static_scale_ptr": "*fp32", "topk_ids_ptr": "*i32",
-                       "counts_ptr": "*i32", "K": "i32", "topk": "i32"},
-            constexprs={"BLOCK_K": 1024, "TOPK_PAD": 16, "STATIC": static,
-                        "FP8_MAX": FP8_MAX, "EXACT_CAST": False},
-            divisible_by_16=("x_ptr", "xq_ptr", "K"), num_warps=4, num_stages=1))
-    for bm in sorted(_S2_TILES):
+        for zero in (False, True):
+            specs.append(KernelSpec(
+                name=f"prep_{'static' if static else 'dyn'}{'_zacc' if zero else ''}",
+                source=f"{_SRC}:moe_prep", family="prep",
+                signature={"x_ptr": "*bf16", "xq_ptr": FP8_PTR, "a_scale_ptr": "*fp32",
+                           "static_scale_ptr": "*fp32", "topk_ids_ptr": "*i32",
+                           "counts_ptr": "*i32", "acc_ptr": "*fp32", "K": "i32", "topk": "i32"},
+                constexprs={"BLOCK_K": 1024, "TOPK_PAD": 16, "STATIC": static,
+                            "ZERO_ACC": zero, "FP8_MAX": FP8_MAX, "EXACT_CAST": False},
+                divisible_by_16=("x_ptr", "xq_ptr", "acc_ptr", "K"), num_warps=4,
+                num_stages=1))
+    for bm in sorted({bm for bm, _ in _S2_TILES}):
         specs.append(KernelSpec(
             name=f"align_m{bm}", source=f"{_SRC}:moe_align", family="align",
             signature={"counts_ptr": "*i32", "cursor_ptr": "*i32", "block_expert_ptr": "*i32",
@@ -463,38 +520,53 @@ def _grouped_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
         signature={"topk_ids_ptr": "*i32", "cursor_ptr": "*i32", "sorted_ids_ptr": "*i32",
                    "counts_ptr": "*i32", "num_pairs": "i32", "E": "i32"},
         constexprs={"BLOCK": 1024, "E_PAD": e_pad}, num_warps=4, num_stages=1))
-    specs.append(KernelSpec(
-        name="topk_reduce", source=f"{_SRC}:moe_topk_reduce", family="reduce",
-        signature={"partial_ptr": "*bf16", "out_ptr": "*bf16", "K": "i32", "topk": "i32"},
-        constexprs={"BLOCK_K": 1024}, divisible_by_16=("partial_ptr", "out_ptr", "K"),
-        num_warps=4, num_stages=1))
+    for atomic in (False, True):
+        specs.append(KernelSpec(
+            name="acc_to_out" if atomic else "topk_reduce", source=f"{_SRC}:moe_topk_reduce",
+            family="reduce",
+            signature={"partial_ptr": "*bf16", "acc_ptr": "*fp32", "out_ptr": "*bf16",
+                       "K": "i32", "topk": "i32"},
+            constexprs={"BLOCK_K": 1024, "ATOMIC": atomic},
+            divisible_by_16=("partial_ptr", "acc_ptr", "out_ptr", "K"),
+            num_warps=4, num_stages=1))
 
-    s2_names: dict[tuple[int, str], str] = {}
-    for bm, (_, bk, bn, w, s) in _S2_TILES.items():
+    s2_names: dict[tuple[int, str, bool], str] = {}
+    for (bm, atomic), (_, bk, bn, w, s) in _S2_TILES.items():
         for scheme, (pc, static) in SCHEME_FLAGS.items():
-            name = f"grp_s2_{_SHORT[scheme]}_m{bm}_k{bk}_n{bn}"
-            s2_names[(bm, scheme)] = name
+            name = f"grp_s2_{_SHORT[scheme]}_m{bm}_k{bk}_n{bn}{'_atomic' if atomic else ''}"
+            s2_names[(bm, scheme, atomic)] = name
             specs.append(KernelSpec(
                 name=name, source=f"{_SRC}:moe_grouped_stage2", family="grouped_stage2",
                 signature={"actq_ptr": FP8_PTR, "act_scale_ptr": "*fp32",
                            "a2_static_ptr": "*fp32", "w2_ptr": FP8_PTR,
                            "w2_scale_ptr": "*fp32", "topk_weights_ptr": "*fp32",
                            "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32",
-                           "total_ptr": "*i32", "partial_ptr": "*bf16",
-                           "N": "i32", "K": "i32", "num_pairs": "i32"},
+                           "total_ptr": "*i32", "partial_ptr": "*bf16", "acc_ptr": "*fp32",
+                           "N": "i32", "K": "i32", "topk": "i32", "num_pairs": "i32"},
                 constexprs={"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn,
-                            "PER_CHANNEL": pc, "STATIC": static},
-                divisible_by_16=("actq_ptr", "w2_ptr", "partial_ptr", *_ALIGN16),
+                            "PER_CHANNEL": pc, "STATIC": static, "ATOMIC": atomic,
+                            "FP8_MAX": FP8_MAX, "EXACT_CAST": False},
+                divisible_by_16=("actq_ptr", "w2_ptr", "partial_ptr", "acc_ptr", *_ALIGN16),
                 num_warps=w, num_stages=s))
 
     variants = []
-    for tag, (bm, bn, bk, w, s) in _S1_TILES.items():
+    s1_done: set[str] = set()
+    for (tag, (bm, bn, bk, w, s)), atomic in itertools.product(_S1_TILES.items(), (False, True)):
+        if (bm, atomic) not in _S2_TILES:
+            continue
         kernels: dict[str, dict[str, str]] = {}
         max_n: dict[str, int] = {}
         for scheme, (pc, static) in SCHEME_FLAGS.items():
             if not static and bn < 128:
                 continue  # dynamic re-quantisation wants whole rows: narrow tiles are pointless
             name = f"grp_s1_{_SHORT[scheme]}_m{bm}_n{bn}_k{bk}"
+            if name in s1_done:
+                kernels[scheme] = _grouped_roles(static, bm, name, s2_names[(bm, scheme, atomic)],
+                                                 atomic)
+                if not static:
+                    max_n[scheme] = bn
+                continue
+            s1_done.add(name)
             specs.append(KernelSpec(
                 name=name, source=f"{_SRC}:moe_grouped_stage1", family="grouped_stage1",
                 signature={"xq_ptr": FP8_PTR, "a_scale_ptr": "*fp32",
@@ -507,16 +579,21 @@ def _grouped_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
                             "STATIC": static, "FP8_MAX": FP8_MAX, "EXACT_CAST": False},
                 divisible_by_16=("xq_ptr", "w13_ptr", "actq_ptr", *_ALIGN16),
                 num_warps=w, num_stages=s))
-            kernels[scheme] = {
-                "prep": "prep_static" if static else "prep_dyn",
-                "align": f"align_m{bm}", "scatter": "scatter",
-                "stage1": name, "stage2": s2_names[(bm, scheme)], "reduce": "topk_reduce"}
+            kernels[scheme] = _grouped_roles(static, bm, name, s2_names[(bm, scheme, atomic)],
+                                             atomic)
             if not static:
                 max_n[scheme] = bn
         variants.append(PipelineVariant(
-            name=f"grouped_{tag}", regime="grouped", kernels=kernels,
-            quantize_activations=True, max_n=max_n))
+            name=f"grouped_{tag}{'_atomic' if atomic else ''}", regime="grouped",
+            kernels=kernels, quantize_activations=True, max_n=max_n))
     return specs, variants
+
+
+def _grouped_roles(static: bool, bm: int, stage1: str, stage2: str, atomic: bool) -> dict:
+    prep = "prep_static" if static else "prep_dyn"
+    return {"prep": prep + ("_zacc" if atomic else ""), "align": f"align_m{bm}",
+            "scatter": "scatter", "stage1": stage1, "stage2": stage2,
+            "reduce": "acc_to_out" if atomic else "topk_reduce"}
 
 
 def _tune_space() -> tuple[list[KernelSpec], list[PipelineVariant]]:

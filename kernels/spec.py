@@ -91,7 +91,8 @@ class PipelineVariant:
     name; the schemes a variant implements are its keys. ``max_n`` bounds N per scheme where a
     stage needs a whole row of N in one tile (dynamic re-quantisation in the stage-1 epilogue).
     ``quantize_activations`` says which reference semantics the variant matches (False: W8A16,
-    activations kept in fp32).
+    activations kept in fp32). ``max_tokens`` is the largest batch the variant is meant for:
+    the tuner does not try it beyond (it would be correct, only pointlessly slow).
     """
 
     name: str
@@ -99,3 +100,4 @@ class PipelineVariant:
     kernels: dict[str, dict[str, str]]
     quantize_activations: bool
     max_n: dict[str, int] = field(default_factory=dict)
+    max_tokens: int = 1 << 30

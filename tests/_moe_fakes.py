@@ -39,6 +39,9 @@ class FakeFusedMoE:
     def variants(self) -> list[str]:
         return list(self._variants)
 
+    def variants_for(self, tokens: int) -> list[str]:
+        return list(self._variants)
+
     def quantize_activations(self, variant: str) -> bool:
         return self._variants[variant][0]
 

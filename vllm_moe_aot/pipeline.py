@@ -73,6 +73,7 @@ class Workspace:
         self.actq = torch.empty(max_rows, N, dtype=fp8, device=device)
         self.act_scale = torch.empty(max_rows, **f32)
         self.partial = torch.empty(pairs, K, dtype=torch.bfloat16, device=device)
+        self.acc = torch.empty(tokens, K, **f32)  # atomic stage 2's accumulator
 
     @classmethod
     def get(cls, shape: MoEShape, device: torch.device, tokens: int, max_block_m: int,
@@ -132,6 +133,10 @@ class FusedMoE:
     def variants(self) -> list[str]:
         return list(self._variants)
 
+    def variants_for(self, tokens: int) -> list[str]:
+        """Variants meant for a batch of ``tokens`` (every variant is correct at any size)."""
+        return [n for n, v in self._variants.items() if tokens <= v.get("max_tokens", tokens)]
+
     def regime(self, variant: str) -> str:
         return self._variant(variant)["regime"]
 
@@ -181,7 +186,7 @@ class FusedMoE:
         bm = st["stage1"].consts["BLOCK_M"]
         blocks = _cdiv(pairs + min(pairs, s.E) * (bm - 1), bm)
         st["prep"].kernel.launch((M, 1, 1), x, ws.xq, ws.a_scale, a13, ids, ws.counts,
-                                 s.K, s.topk)
+                                 ws.acc, s.K, s.topk)
         st["align"].kernel.launch((s.E, 1, 1), ws.counts, ws.cursor, ws.block_expert,
                                   ws.sorted_ids, ws.total, s.E, pairs)
         st["scatter"].kernel.launch((_cdiv(pairs, st["scatter"].consts["BLOCK"]), 1, 1),
@@ -194,10 +199,11 @@ class FusedMoE:
         s2 = st["stage2"]
         s2.kernel.launch((blocks, _cdiv(s.K, s2.consts["BLOCK_K"]), 1),
                          ws.actq, ws.act_scale, a2, w2, w2_scale, tw, ws.sorted_ids,
-                         ws.block_expert, ws.total, ws.partial, s.N, s.K, pairs)
+                         ws.block_expert, ws.total, ws.partial, ws.acc, s.N, s.K, s.topk,
+                         pairs)
         red = st["reduce"]
         red.kernel.launch((M, _cdiv(s.K, red.consts["BLOCK_K"]), 1),
-                          ws.partial, out, s.K, s.topk)
+                          ws.partial, ws.acc, out, s.K, s.topk)
 
     def _check(self, x, w13, w2, w13_scale, w2_scale, tw, ids, out, a13, a2) -> None:
         """Host-only checks (attribute reads; no device work) that keep bad calls from

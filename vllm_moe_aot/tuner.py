@@ -207,7 +207,7 @@ class LayerBackend:
         if isinstance(moe, Exception):
             notes.append(f"no AOT candidates: {type(moe).__name__}: {moe}")
         else:
-            for v in moe.variants:
+            for v in moe.variants_for(key.tokens):
                 cands.append(Candidate(v, "aot", bool(moe.quantize_activations(v))))
         if self.stock is not None:
             cands.append(Candidate(STOCK, "stock", True))

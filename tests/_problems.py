@@ -1,0 +1,79 @@
+"""Random MoE problems for the pipeline tests (CPU and GPU): fp8 weights that use the fp8
+range, positive scales, distinct experts per token, normalised routing weights."""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_moe_aot.pipeline import FusedMoE
+from vllm_moe_aot.reference import gate, reference_moe
+from vllm_moe_aot.shapes import MoEShape, Scheme
+
+FP8 = torch.float8_e4m3fn
+#: single variants are held to 1e-2 (the product gate in reference.py is looser)
+TIGHT = dict(rel_fro_max=1e-2, mean_rel_abs_max=1e-2)
+ARGS = ("x", "w13", "w2", "w13_scale", "w2_scale", "topk_weights", "topk_ids")
+
+
+def make_weights(shape: MoEShape, scheme: Scheme, g: torch.Generator, device="cpu") -> dict:
+    E, K, N = shape.E, shape.K, shape.N
+    w13 = (torch.randn(E, 2 * N, K, generator=g, device=device) * 64).clamp(-448, 448).to(FP8)
+    w2 = (torch.randn(E, K, N, generator=g, device=device) * 64).clamp(-448, 448).to(FP8)
+    if scheme.per_channel_weights:
+        s13 = torch.rand(E, 2 * N, generator=g, device=device) * 2e-3 + 5e-4
+        s2 = torch.rand(E, K, generator=g, device=device) * 2e-3 + 5e-4
+    else:
+        s13 = torch.rand(E, generator=g, device=device) * 2e-3 + 5e-4
+        s2 = torch.rand(E, generator=g, device=device) * 2e-3 + 5e-4
+    return dict(w13=w13, w2=w2, w13_scale=s13, w2_scale=s2)
+
+
+def make_tokens(shape: MoEShape, scheme: Scheme, M: int, g: torch.Generator, device="cpu",
+                x_scale: float = 1.0, ids: torch.Tensor | None = None) -> dict:
+    E, K, topk = shape.E, shape.K, shape.topk
+    x = (torch.randn(M, K, generator=g, device=device) * x_scale).bfloat16()
+    if ids is None:
+        ids = torch.rand(M, E, generator=g, device=device).argsort(dim=1)[:, :topk]
+    ids = ids.to(device=device, dtype=torch.int32).contiguous()
+    tw = torch.rand(M, topk, generator=g, device=device)
+    tw = (tw / tw.sum(1, keepdim=True)).float().contiguous()
+    a13 = a2 = None
+    if scheme.static_activations:
+        a13 = torch.tensor([4.5 * x_scale / 448 + 1e-6], device=device)
+        a2 = torch.tensor([0.02], device=device)
+    return dict(x=x, topk_weights=tw, topk_ids=ids, a13_scale=a13, a2_scale=a2)
+
+
+def make(shape: MoEShape, scheme: Scheme, M: int, seed: int = 0, device="cpu", **kw) -> dict:
+    g = torch.Generator(device=device).manual_seed(seed)
+    return {**make_weights(shape, scheme, g, device), **make_tokens(shape, scheme, M, g, device,
+                                                                      **kw)}
+
+
+def run(moe: FusedMoE, variant: str, p: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+    M, K = p["x"].shape
+    if out is None:
+        out = torch.empty(M, K, dtype=torch.bfloat16, device=p["x"].device)
+    out.fill_(float("nan"))  # poison: unwritten elements fail the gate
+    return moe.run(variant, *[p[k] for k in ARGS], out, p["a13_scale"], p["a2_scale"])
+
+
+def reference_for(moe: FusedMoE, variant: str, p: dict, rows: torch.Tensor | None = None):
+    """Float64 reference of the variant's semantics, for all rows or a sample of ``rows``.
+    Tokens are independent (per-token or static activation scales), so a sample is exact."""
+    sel = (lambda t: t) if rows is None else (lambda t: t[rows.to(t.device)])
+    return reference_moe(sel(p["x"]), p["w13"], p["w2"], p["w13_scale"], p["w2_scale"],
+                         sel(p["topk_weights"]), sel(p["topk_ids"]), moe.scheme,
+                         p["a13_scale"], p["a2_scale"],
+                         quantize_activations=moe.quantize_activations(variant))
+
+
+def check(moe: FusedMoE, variant: str, p: dict, out: torch.Tensor,
+          rows: torch.Tensor | None = None, ref: torch.Tensor | None = None, **tol):
+    """Gate ``out`` (all rows, or ``rows``) against the variant's float64 reference."""
+    if ref is None:
+        ref = reference_for(moe, variant, p, rows)
+    got = out if rows is None else out[rows.to(out.device)]
+    result = gate(got, ref, **(tol or TIGHT))
+    assert result.passed, f"{variant} {moe.scheme.value} M={p['x'].shape[0]}: {result}"
+    return result, ref
