@@ -1,0 +1,72 @@
+"""Per-kernel time of one pipeline variant (and of the stock path) on the GPU, from
+torch.profiler's CUDA activity trace (CUPTI sees kernels launched through cuda-bindings too).
+
+    PYTHONPATH=.:.vllm_stock python3 scripts/profile_pipeline.py --preset hy3 --tokens 16384 \\
+        --variants grouped_m64 grouped_m64_fastacc
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from vllm_moe_aot.pipeline import FusedMoE  # noqa: E402
+from vllm_moe_aot.shapes import PRESETS  # noqa: E402
+from vllm_moe_aot.stock import get_stock_provider  # noqa: E402
+from vllm_moe_aot.workload import make_problem  # noqa: E402
+
+REPS = 5
+
+
+def kernel_table(fn) -> list[tuple[str, int, float]]:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(REPS):
+            fn()
+        torch.cuda.synchronize()
+    agg: dict[str, list[float]] = defaultdict(list)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            agg[ev.name[:60]].append(ev.device_time)
+    return sorted(((k, len(v) // REPS, sum(v) / REPS) for k, v in agg.items()),
+                  key=lambda r: -r[2])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    ap.add_argument("--tokens", type=int, nargs="+", required=True)
+    ap.add_argument("--variants", nargs="+", required=True)
+    ap.add_argument("--no-stock", action="store_true")
+    args = ap.parse_args()
+    preset = PRESETS[args.preset]
+    moe = FusedMoE(preset.shape, preset.scheme, "cuda", max_tokens=max(args.tokens))
+    stock = None if args.no_stock else get_stock_provider("cuda")
+    for M in args.tokens:
+        p = make_problem(preset.shape, preset.scheme, M, "cuda", seed=M)
+        out = torch.empty(M, preset.shape.K, dtype=torch.bfloat16, device="cuda")
+        runs = {v: (lambda v=v, p=p, out=out: moe.run(
+            v, p.x, p.w13, p.w2, p.w13_scale, p.w2_scale, p.topk_weights, p.topk_ids, out,
+            p.a13_scale, p.a2_scale)) for v in args.variants}
+        if stock is not None:
+            runs[f"stock ({stock.name})"] = lambda p=p, out=out: stock(p, out=out)
+        for name, fn in runs.items():
+            rows = kernel_table(fn)
+            total = sum(r[2] for r in rows)
+            print(f"\n{args.preset} M={M} {name}: {total:9.1f} us of kernels per call")
+            for k, n, us in rows:
+                print(f"  {us:9.1f} us  {100 * us / total:5.1f}%  x{n:<3d} {k}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
