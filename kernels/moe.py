@@ -488,15 +488,26 @@ _S1_TILES = {
     "m64n256": (64, 256, 128, 8, 3),
     "m128": (128, 128, 128, 8, 3),
 }
-#: stage-1 tiles also built without per-chunk promotion ("_fastacc" variants)
-_FASTACC_TILES = ("m64", "m64n64", "m128")
-# (BLOCK_M, atomic) -> (BLOCK_M, BLOCK_K out cols, BLOCK_N reduction, warps, stages)
+# (BLOCK_M, stage-2 kind) -> (BLOCK_K out cols, BLOCK_N reduction, warps, stages, atomic)
 _S2_TILES = {
-    (16, False): (16, 128, 128, 4, 3),
-    (64, False): (64, 128, 128, 4, 3),
-    (128, False): (128, 128, 128, 8, 3),
-    (64, True): (64, 128, 128, 4, 3),
+    (16, "std"): (128, 128, 4, 3, False),
+    (64, "std"): (128, 128, 4, 3, False),
+    (128, "std"): (128, 128, 8, 3, False),
+    (64, "atomic"): (128, 128, 4, 3, True),
+    (64, "k256"): (256, 128, 8, 3, False),  # half the programs, twice the work each
+    (128, "k256"): (256, 128, 8, 3, False),
+    (64, "n64"): (128, 64, 4, 3, False),  # no masked half-chunk when N = 192
 }
+# variant suffix -> (stage-2 kind, promote fp8 MMA partials per K chunk in stage 1)
+_MODES = {
+    "": ("std", True),
+    "_atomic": ("atomic", True),
+    "_fastacc": ("std", False),
+    "_fastacc_k256": ("k256", False),
+    "_fastacc_n64": ("n64", False),
+}
+#: stage-1 tiles also built without per-chunk promotion (the "_fastacc" modes)
+_FASTACC_TILES = ("m64", "m64n64", "m128")
 
 
 def _grouped_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
@@ -537,11 +548,11 @@ def _grouped_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
             divisible_by_16=("partial_ptr", "acc_ptr", "out_ptr", "K"),
             num_warps=4, num_stages=1))
 
-    s2_names: dict[tuple[int, str, bool], str] = {}
-    for (bm, atomic), (_, bk, bn, w, s) in _S2_TILES.items():
+    s2_names: dict[tuple[int, str, str], str] = {}
+    for (bm, kind), (bk, bn, w, s, atomic) in _S2_TILES.items():
         for scheme, (pc, static) in SCHEME_FLAGS.items():
             name = f"grp_s2_{_SHORT[scheme]}_m{bm}_k{bk}_n{bn}{'_atomic' if atomic else ''}"
-            s2_names[(bm, scheme, atomic)] = name
+            s2_names[(bm, scheme, kind)] = name
             specs.append(KernelSpec(
                 name=name, source=f"{_SRC}:moe_grouped_stage2", family="grouped_stage2",
                 signature={"actq_ptr": FP8_PTR, "act_scale_ptr": "*fp32",
@@ -558,11 +569,11 @@ def _grouped_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
 
     variants = []
     s1_specs: dict[str, KernelSpec] = {}
-    modes = (("", False, True), ("_atomic", True, True), ("_fastacc", False, False))
-    for (tag, (bm, bn, bk, w, s)), (suffix, atomic, promote) in itertools.product(
-            _S1_TILES.items(), modes):
-        if (bm, atomic) not in _S2_TILES or (not promote and tag not in _FASTACC_TILES):
+    for (tag, (bm, bn, bk, w, s)), (suffix, (kind, promote)) in itertools.product(
+            _S1_TILES.items(), _MODES.items()):
+        if (bm, kind) not in _S2_TILES or (not promote and tag not in _FASTACC_TILES):
             continue
+        atomic = _S2_TILES[(bm, kind)][4]
         kernels: dict[str, dict[str, str]] = {}
         max_n: dict[str, int] = {}
         for scheme, (pc, static) in SCHEME_FLAGS.items():
@@ -582,7 +593,7 @@ def _grouped_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
                             "EXACT_CAST": False},
                 divisible_by_16=("xq_ptr", "w13_ptr", "actq_ptr", *_ALIGN16),
                 num_warps=w, num_stages=s))
-            kernels[scheme] = _grouped_roles(static, bm, name, s2_names[(bm, scheme, atomic)],
+            kernels[scheme] = _grouped_roles(static, bm, name, s2_names[(bm, scheme, kind)],
                                              atomic)
             if not static:
                 max_n[scheme] = bn

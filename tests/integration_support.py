@@ -1,0 +1,381 @@
+"""Helpers for the vLLM integration tests (tests/test_integration_*.py).
+
+Builds real vLLM 0.33 FP8 MoE layers on a CPU-only machine through vLLM's own classes, as
+``notes/vllm-0.33-on-cpu.md`` describes: a CPU ``VllmConfig``, ``FusedMoEFactory`` with
+``tp_size=dp_size=pcp_size=1``, vLLM's workspace manager on the CPU, and torch stand-ins for
+the few compiled ops the CUDA wheel lacks here (assigned to ``vllm._custom_ops``
+attributes, which every caller reads at call time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+@functools.cache
+def vllm_problem() -> str:
+    """Why vLLM cannot be imported here ("" when it can). Importing it takes seconds, so only
+    the modules that need it ask."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        return f"vllm is not importable: {type(exc).__name__}: {exc}"
+    return ""
+
+
+def requires_vllm() -> pytest.MarkDecorator:
+    """Skip (with the reason) when vLLM cannot be imported."""
+    problem = vllm_problem()
+    return pytest.mark.skipif(bool(problem), reason=problem or "vllm importable")
+
+
+_prefixes = itertools.count()
+
+#: the schemes the hook takes, as the layer kinds these helpers build
+KINDS = ("fp8_static", "fp8_dynamic", "ct_channel_token", "ct_tensor_static",
+         "ct_tensor_dynamic", "online_ptpc", "online_tensor")
+
+
+# --- torch stand-ins for vLLM's compiled ops ---------------------------------------------------
+
+def scaled_fp8_quant(input, scale=None, num_token_padding=None, scale_ub=None,
+                     use_per_token_if_dynamic=False, output=None, group_shape=None):
+    """``vllm._custom_ops.scaled_fp8_quant`` in torch (per tensor / per token, static or
+    dynamic); dynamic scales floored like vLLM's kernel."""
+    x = input.float()
+    if scale is None:
+        if use_per_token_if_dynamic:
+            scale = x.abs().amax(dim=-1, keepdim=True) / FP8_MAX
+        else:
+            scale = (x.abs().amax() / FP8_MAX).reshape(1)
+        scale = scale.clamp(min=1.0 / (FP8_MAX * 512.0))
+    s = scale.float()
+    q = (x / (s if s.dim() == x.dim() else s.reshape(-1)[0])).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    if output is not None:
+        output.copy_(q)
+        q = output
+    return q, scale
+
+
+def silu_and_mul(out: torch.Tensor, x: torch.Tensor) -> None:
+    n = x.shape[-1] // 2
+    out.copy_((torch.nn.functional.silu(x[..., :n].float()) * x[..., n:].float()).to(out.dtype))
+
+
+def moe_sum(input: torch.Tensor, output: torch.Tensor, topk_ids=None, expert_map=None) -> None:
+    output.copy_(input.float().sum(dim=1).to(output.dtype))
+
+
+@pytest.fixture
+def fake_ops(monkeypatch):
+    """Install the stand-ins; returns a dict of call counters."""
+    import vllm._custom_ops as ops
+    from vllm.model_executor.layers.fused_moe import activation
+
+    calls = {"scaled_fp8_quant": 0, "silu_and_mul": 0, "moe_sum": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(ops, "scaled_fp8_quant", counted("scaled_fp8_quant", scaled_fp8_quant))
+    monkeypatch.setattr(ops, "moe_sum", counted("moe_sum", moe_sum))
+
+    real_apply = activation.apply_moe_activation
+
+    def apply_moe_activation(act, output, input, *args, **kwargs):
+        if act == activation.MoEActivation.SILU:
+            calls["silu_and_mul"] += 1
+            return silu_and_mul(output, input)
+        return real_apply(act, output, input, *args, **kwargs)
+
+    monkeypatch.setattr(activation, "apply_moe_activation", apply_moe_activation)
+    import vllm.model_executor.layers.fused_moe.modular_kernel as mk
+
+    monkeypatch.setattr(mk, "apply_moe_activation", apply_moe_activation, raising=False)
+    return calls
+
+
+# --- plugin state --------------------------------------------------------------------------------
+
+@pytest.fixture
+def plugin_on(monkeypatch):
+    """``VLLM_MOE_BACKEND=asmjit_aot`` and the plugin registered; undone afterwards."""
+    from vllm_moe_aot import BACKEND_NAME
+    from vllm_moe_aot.integration import ENV_VAR, _reset_log_once, metadata, plugin
+
+    monkeypatch.setenv(ENV_VAR, BACKEND_NAME)
+    _reset_log_once()
+    metadata.clear_caches()
+    plugin._reset()
+    plugin.register()
+    yield
+    plugin._reset()
+    metadata.clear_caches()
+    _reset_log_once()
+
+
+class Captured:
+    """Log records of the ``vllm.moe_aot`` tree (vLLM stops propagation at ``vllm``, so
+    pytest's caplog, which listens on the root logger, would miss them)."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.records: list[logging.LogRecord] = []
+        outer = self
+
+        class _H(logging.Handler):
+            def emit(self, record):
+                outer.records.append(record)
+
+        self.handler = _H(level=logging.DEBUG)
+
+    @property
+    def messages(self) -> list[str]:
+        return [r.getMessage() for r in self.records]
+
+    def matching(self, text: str) -> list[str]:
+        return [m for m in self.messages if text in m]
+
+
+@pytest.fixture
+def moe_logs():
+    import logging
+
+    from vllm_moe_aot.integration import LOGGER_NAME
+
+    cap = Captured()
+    log = logging.getLogger(LOGGER_NAME)
+    old = log.level
+    log.setLevel(logging.DEBUG)
+    log.addHandler(cap.handler)
+    yield cap
+    log.removeHandler(cap.handler)
+    log.setLevel(old)
+
+
+# --- building vLLM layers on the CPU -------------------------------------------------------------
+
+@contextlib.contextmanager
+def cpu_vllm(**parallel):
+    """A fresh CPU ``VllmConfig`` as the current config, with vLLM's workspace manager."""
+    from vllm.config import DeviceConfig, ParallelConfig, VllmConfig, set_current_vllm_config
+    from vllm.v1.worker import workspace
+
+    cfg = VllmConfig(device_config=DeviceConfig(device="cpu"),
+                     parallel_config=ParallelConfig(**parallel))
+    with set_current_vllm_config(cfg):
+        if getattr(workspace, "_manager", None) is None:
+            workspace.init_workspace_manager(torch.device("cpu"))
+        yield cfg
+
+
+def quant_config(kind: str):
+    """vLLM's quantization config that gives the FP8 MoE method of ``kind``."""
+    if kind in ("fp8_static", "fp8_dynamic", "fp8_block"):
+        from vllm.model_executor.layers.quantization.fp8 import Fp8Config
+
+        return Fp8Config(is_checkpoint_fp8_serialized=True,
+                         activation_scheme="static" if kind == "fp8_static" else "dynamic",
+                         weight_block_size=[128, 128] if kind == "fp8_block" else None)
+    if kind.startswith("ct_"):
+        from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (  # noqa: E501
+            CompressedTensorsConfig,
+        )
+
+        strategy_w, strategy_a, dynamic = {
+            "ct_channel_token": ("channel", "token", True),
+            "ct_tensor_static": ("tensor", "tensor", False),
+            "ct_tensor_dynamic": ("tensor", "tensor", True),
+        }[kind]
+        return CompressedTensorsConfig.from_config({
+            "format": "float-quantized",
+            "config_groups": {"group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": strategy_w,
+                            "dynamic": False, "symmetric": True},
+                "input_activations": {"num_bits": 8, "type": "float", "strategy": strategy_a,
+                                      "dynamic": dynamic, "symmetric": True},
+            }},
+            "ignore": [],
+            "quant_method": "compressed-tensors",
+        })
+    if kind in ("online_ptpc", "online_tensor"):
+        from vllm.config.quantization import resolve_quantization_config
+        from vllm.model_executor.layers.quantization.online.base import (
+            OnlineQuantizationConfig,
+        )
+
+        name = "fp8_per_channel" if kind == "online_ptpc" else "fp8_per_tensor"
+        return OnlineQuantizationConfig(resolve_quantization_config(name, None))
+    raise ValueError(kind)
+
+
+def scheme_of(kind: str):
+    from vllm_moe_aot.shapes import Scheme
+
+    return {"fp8_static": Scheme.FP8_PER_TENSOR_STATIC,
+            "ct_tensor_static": Scheme.FP8_PER_TENSOR_STATIC,
+            "fp8_dynamic": Scheme.FP8_PER_TENSOR_DYNAMIC,
+            "ct_tensor_dynamic": Scheme.FP8_PER_TENSOR_DYNAMIC,
+            "online_tensor": Scheme.FP8_PER_TENSOR_DYNAMIC,
+            "ct_channel_token": Scheme.FP8_PTPC,
+            "online_ptpc": Scheme.FP8_PTPC}[kind]
+
+
+@dataclass
+class Layer:
+    kind: str
+    runner: Any  # MoERunner
+    experts: Any  # RoutedExperts (the layer holding the parameters)
+
+    @property
+    def method(self):
+        return self.experts.quant_method
+
+    @property
+    def fused_experts(self):
+        kernel = getattr(self.method, "moe_kernel", None)
+        return None if kernel is None else kernel.fused_experts
+
+
+def make_layer(kind: str, E: int, K: int, N: int, topk: int, seed: int = 0,
+               load: bool = True) -> Layer:
+    """Create an FP8 MoE layer of ``kind`` and, with ``load``, fill it with random weights and
+    run its ``process_weights_after_loading`` (must be inside :func:`cpu_vllm`)."""
+    from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory
+
+    runner = FusedMoEFactory(num_experts=E, top_k=topk, hidden_size=K, intermediate_size=N,
+                             params_dtype=torch.bfloat16, quant_config=quant_config(kind),
+                             tp_size=1, dp_size=1, pcp_size=1,
+                             prefix=f"model.layers.{next(_prefixes)}.mlp.experts")
+    layer = Layer(kind, runner, runner.routed_experts)
+    if load:
+        load_random_weights(layer, seed)
+    return layer
+
+
+def load_random_weights(layer: Layer, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    ex = layer.experts
+    if layer.kind.startswith("online_"):
+        E, K, N = ex.local_num_experts, ex.hidden_size, ex.intermediate_size_per_partition
+        for e in range(E):
+            for shard, rows, cols in (("w1", N, K), ("w3", N, K), ("w2", K, N)):
+                param = ex.w2_weight if shard == "w2" else ex.w13_weight
+                w = (torch.randn(rows, cols, generator=g) * 0.05).bfloat16()
+                param.weight_loader(param, w, f"experts.{e}.{shard}.weight", shard_id=shard,
+                                    expert_id=e)
+        if not getattr(ex, "_already_called_process_weights_after_loading", False):
+            layer.method.process_weights_after_loading(ex)
+        return
+    w13, w2 = ex.w13_weight, ex.w2_weight
+    w13.data.copy_((torch.randn(w13.shape, generator=g) * 64).clamp(-448, 448).to(FP8))
+    w2.data.copy_((torch.randn(w2.shape, generator=g) * 64).clamp(-448, 448).to(FP8))
+    for name in ("w13_weight_scale", "w2_weight_scale"):
+        p = getattr(ex, name)
+        p.data.copy_(torch.rand(p.shape, generator=g) * 2e-4 + 1e-4)
+    for name in ("w13_input_scale", "w2_input_scale"):
+        p = getattr(ex, name, None)
+        if p is not None:
+            p.data.copy_(torch.full(p.shape, 0.02) + torch.rand(p.shape, generator=g) * 0.01)
+    layer.method.process_weights_after_loading(ex)
+
+
+def routing(M: int, E: int, topk: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.rand(M, E, generator=g).argsort(dim=1)[:, :topk].to(torch.int32).contiguous()
+    w = torch.rand(M, topk, generator=g)
+    return (w / w.sum(1, keepdim=True)).float().contiguous(), ids
+
+
+def forward(layer: Layer, x: torch.Tensor, topk_weights: torch.Tensor,
+            topk_ids: torch.Tensor) -> torch.Tensor:
+    """The layer's modular kernel (prepare -> experts -> finalize) on given routing."""
+    ex = layer.experts
+    return layer.method.apply(ex, x, topk_weights, topk_ids, None, None)
+
+
+def reference(layer: Layer, x, topk_weights, topk_ids, quantize_activations: bool = True):
+    """float64 reference of the layer as loaded (scales as the experts object holds them)."""
+    from vllm_moe_aot.reference import reference_moe
+
+    qc = layer.fused_experts.quant_config
+    ex = layer.experts
+    return reference_moe(x, ex.w13_weight, ex.w2_weight, qc.w1_scale, qc.w2_scale,
+                         topk_weights, topk_ids, scheme_of(layer.kind), qc.a1_scale,
+                         qc.a2_scale, quantize_activations=quantize_activations)
+
+
+# --- tuned configs and the pipeline ------------------------------------------------------------
+
+def write_tuned(directory, shape, scheme, choices: dict[int, str], gpu: str = "cpu",
+                arch: str = "interpreter", name: str = "test_fp8_tp1.tuned.csv"):
+    """A tuned CSV whose rows send batch size M to ``choices[M]`` ("stock" or a variant)."""
+    from pathlib import Path
+
+    from vllm_moe_aot.configs import RowKey, TunedRow
+    from vllm_moe_aot.configs import write_tuned as _write
+
+    rows = [TunedRow(key=RowKey.of(shape, scheme, m), gpu=gpu, arch=arch, cu_num=1,
+                     backend="stock" if c == "stock" else "aot",
+                     variant="" if c == "stock" else c, us=10.0, stock_us=12.0,
+                     stock_provider="test", speedup=1.2, tflops=1.0, gbps=1.0, err=1e-3,
+                     version="test", tuned_at="2026-11-25T00:00:00")
+            for m, c in sorted(choices.items())]
+    path = Path(directory) / name
+    _write(path, rows)
+    return path
+
+
+def real_pipeline_problem() -> str:
+    """Why the real pipeline cannot run here ("" when its manifest loads)."""
+    try:
+        from vllm_moe_aot.runtime.manifest import Manifest
+
+        Manifest.load()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+@pytest.fixture
+def pipeline_kind(monkeypatch):
+    """"real": the real FusedMoE through the Triton interpreter (needs the code-object
+    manifest); "stand-in": tests/_moe_fakes.FakeFusedMoE, which computes the float64 reference,
+    when no manifest is there yet."""
+    problem = real_pipeline_problem()
+    if not problem:
+        return "real"
+    import warnings
+
+    import vllm_moe_aot.pipeline as pipeline
+    from tests import _moe_fakes
+
+    warnings.warn(f"integration tests use the stand-in pipeline: {problem}", stacklevel=2)
+    monkeypatch.setattr(pipeline, "FusedMoE", _moe_fakes.FakeFusedMoE)
+    return "stand-in"
+
+
+def pick_variants(shape, scheme, kind: str) -> tuple[str, str]:
+    """Two variants to route to: (single-token one, multi-token one)."""
+    if kind == "stand-in":
+        return "fake_w8a8", "fake_w8a16"
+    from vllm_moe_aot.pipeline import FusedMoE
+
+    names = FusedMoE(shape, scheme, torch.device("cpu"), max_tokens=8).variants
+    gemv = next(v for v in names if v.startswith("gemv"))
+    grouped = next(v for v in names if v.startswith("grouped"))
+    return gemv, grouped

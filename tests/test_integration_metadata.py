@@ -1,0 +1,87 @@
+"""``ExpertMetadata`` on its own: it is vLLM-free, so these run without vLLM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_moe_aot.shapes import MoEShape, Scheme
+
+SHAPE = MoEShape(E=16, K=128, N=32, topk=2)
+
+
+def test_metadata_rejects_bad_shapes_and_scales():
+    from vllm_moe_aot.integration.metadata import (
+        ExpertMetadata,
+        normalize_activation_scale,
+        normalize_weight_scale,
+    )
+
+    E = SHAPE.E
+    with pytest.raises(ValueError, match="unsupported shape"):
+        ExpertMetadata.build(MoEShape(E=4, K=100, N=32, topk=2), Scheme.FP8_PTPC,
+                             torch.ones(4, 64), torch.ones(4, 100))
+    with pytest.raises(ValueError, match=r"w13_scale has shape \(16, 2\)"):
+        ExpertMetadata.build(SHAPE, Scheme.FP8_PER_TENSOR_DYNAMIC, torch.ones(E, 2),
+                             torch.ones(E))
+    with pytest.raises(ValueError, match="no a13_scale"):
+        ExpertMetadata.build(SHAPE, Scheme.FP8_PER_TENSOR_STATIC, torch.ones(E), torch.ones(E))
+    with pytest.raises(ValueError, match="one static activation scale"):
+        normalize_activation_scale(torch.ones(E), "a13_scale")
+    s = torch.rand(E, 64, 1)
+    assert normalize_weight_scale(s, E, 64, "w13_scale").data_ptr() == s.data_ptr()
+    half = torch.rand(E).half()
+    got = normalize_weight_scale(half, E, None, "w2_scale")
+    assert got.dtype == torch.float32 and torch.equal(got, half.float())
+    assert normalize_activation_scale(torch.tensor(0.5), "a2_scale").shape == (1,)
+
+
+def test_tune_hint_names_the_untuned_file(tmp_path):
+    from vllm_moe_aot.integration.metadata import tune_hint
+    from vllm_moe_aot.shapes import PRESETS
+
+    hy3 = PRESETS["hy3"]
+    (tmp_path / "hy3_fp8_per_tensor_tp8.untuned.csv").write_text("")
+    assert tune_hint(hy3.shape, hy3.scheme, 8, tmp_path) == (
+        f"vllm-moe-aot tune -i {tmp_path}/hy3_fp8_per_tensor_tp8.untuned.csv "
+        f"-o {tmp_path}/hy3_fp8_per_tensor_tp8.tuned.csv")
+    hy3_tp4 = MoEShape(E=192, K=4096, N=384, topk=8)  # no untuned file yet: generate it first
+    assert tune_hint(hy3_tp4, Scheme.FP8_PER_TENSOR_DYNAMIC, 4, tmp_path).startswith(
+        f"python -m vllm_moe_aot.configs --generate --tp 4 --config-dir {tmp_path}, then "
+        f"vllm-moe-aot tune -i {tmp_path}/hy3_fp8_per_tensor_tp4.untuned.csv")
+    assert "configs/<model>_fp8_ptpc_tp1.untuned.csv" in tune_hint(SHAPE, Scheme.FP8_PTPC, 1,
+                                                                   tmp_path)
+
+
+def test_layers_of_one_shape_share_pipeline_and_table(tmp_path, monkeypatch):
+    """Sixty layers of one model: one pipeline (one workspace) and one dispatch table."""
+    import vllm_moe_aot.pipeline as pipeline
+    from tests import _moe_fakes
+    from tests.integration_support import write_tuned
+    from vllm_moe_aot.integration import metadata
+
+    monkeypatch.setattr(pipeline, "FusedMoE", _moe_fakes.FakeFusedMoE)
+    metadata.clear_caches()
+    write_tuned(tmp_path, SHAPE, Scheme.FP8_PTPC, {1: "fake_w8a8", 4: "stock"})
+    before = len(_moe_fakes.FakeFusedMoE.instances)
+    E, N, K = SHAPE.E, SHAPE.N, SHAPE.K
+    built = [metadata.ExpertMetadata.build(SHAPE, Scheme.FP8_PTPC, torch.rand(E, 2 * N, 1),
+                                           torch.rand(E, K, 1), config_directory=tmp_path)
+             for _ in range(3)]
+    try:
+        assert len(_moe_fakes.FakeFusedMoE.instances) == before + 1
+        assert all(md.pipeline is built[0].pipeline for md in built)
+        assert all(md.table is built[0].table for md in built)
+        choices = [built[0].choose(m) for m in (1, 2, 4, 64)]
+        assert choices == ["fake_w8a8", "stock", "stock", "stock"]
+        assert built[0].describe().endswith("M<=1:aot, M<=4:stock")
+    finally:
+        metadata.clear_caches()
+
+
+def test_scales_must_live_on_the_layer_device():
+    from vllm_moe_aot.integration.metadata import ExpertMetadata
+
+    with pytest.raises(ValueError, match="w2_scale is on meta"):
+        ExpertMetadata.build(SHAPE, Scheme.FP8_PER_TENSOR_DYNAMIC, torch.ones(SHAPE.E),
+                             torch.ones(SHAPE.E, device="meta"))

@@ -1,0 +1,286 @@
+"""``vllm-moe-aot info``: platform, code objects, tuned configs and the dispatch they give.
+
+Also the one place that says which GPU this is in the names the build and the configs use
+(:func:`detect_platform`, :func:`device_identity`); the vLLM plugin logs :func:`summary_line`.
+Imports neither vLLM nor Triton: it works on a machine with neither, and without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from vllm_moe_aot import BACKEND_NAME, __version__
+from vllm_moe_aot.integration import CONFIG_DIR_ENV, ENV_VAR  # vLLM-free constants
+from vllm_moe_aot.shapes import PRESETS, MoEShape, Preset, Scheme
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SHIPPED_CONFIG_DIR = PACKAGE_DIR / "configs"
+
+#: arch name of the CPU path: kernels run from their Triton sources in the interpreter
+INTERPRETER_ARCH = "interpreter"
+
+
+@dataclass(frozen=True)
+class PlatformInfo:
+    """Where the pipeline would run in this process.
+
+    ``device`` is the current GPU, the CPU when Triton runs in its interpreter
+    (``TRITON_INTERPRET=1``, no GPU), or None. ``arch`` is the build-target name
+    (``sm_90a``, ``gfx942``, ``gfx950``; ``interpreter`` on the CPU; otherwise the raw arch).
+    ``supported`` says whether the AOT pipeline can run there; ``note`` says why or why not.
+    """
+
+    device: torch.device | None
+    gpu_name: str | None
+    arch: str | None
+    supported: bool
+    note: str
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.device is not None and self.device.type == "cuda"
+
+
+def cuda_arch(major: int, minor: int) -> str:
+    """Build-target name of a CUDA capability: 9.0 is ``sm_90a``, others ``sm_XY``."""
+    return "sm_90a" if (major, minor) == (9, 0) else f"sm_{major}{minor}"
+
+
+def device_identity(device: torch.device) -> tuple[str, str]:
+    """``(device name, arch)`` for a GPU, in the names tuned configs are keyed by.
+
+    ROCm gives its gfx name without feature suffixes (``gfx942``). The CPU is
+    ``("cpu", "interpreter")``. Initialises CUDA: call it where the GPU is in use already.
+    """
+    if device.type != "cuda":
+        return "cpu", INTERPRETER_ARCH
+    props = torch.cuda.get_device_properties(device)
+    if torch.version.hip:
+        return props.name, str(getattr(props, "gcnArchName", "gfx")).split(":")[0]
+    return props.name, cuda_arch(props.major, props.minor)
+
+
+def platform_info(device: torch.device, gpu_name: str, arch: str) -> PlatformInfo:
+    """A GPU is supported when the manifest holds code objects for its arch."""
+    if device.type != "cuda":
+        return PlatformInfo(device, "cpu", INTERPRETER_ARCH, True,
+                            "no GPU: kernels run in the Triton interpreter on the CPU")
+    counts = code_objects_per_target()
+    if counts.get(arch, 0) > 0:
+        return PlatformInfo(device, gpu_name, arch, True, f"{counts[arch]} code objects for {arch}")
+    built = ", ".join(sorted(counts)) or "none"
+    return PlatformInfo(device, gpu_name, arch, False,
+                        f"no code objects for {arch} (built for: {built})")
+
+
+def detect_platform(device: torch.device | None = None) -> PlatformInfo:
+    """Describe ``device`` (default: the current GPU, else the CPU interpreter if enabled).
+
+    Asks torch, which initialises CUDA; inside vLLM the plugin asks vLLM's platform instead.
+    """
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device is not None and device.type == "cuda":
+        return platform_info(device, *device_identity(device))
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return platform_info(torch.device("cpu"), "cpu", INTERPRETER_ARCH)
+    return PlatformInfo(None, None, None, False, "no GPU")
+
+
+@lru_cache(maxsize=8)
+def _manifest_counts(path: str, mtime_ns: int) -> tuple[tuple[tuple[str, int], ...], str]:
+    from vllm_moe_aot.runtime.manifest import Manifest
+
+    try:
+        manifest = Manifest.load(path)
+    except Exception as exc:  # ManifestError, or a runtime that cannot be imported
+        return (), str(exc)
+    counts: dict[str, int] = {}
+    for entry in manifest.objects:
+        counts[entry.target] = counts.get(entry.target, 0) + 1
+    return tuple(sorted(counts.items())), ""
+
+
+def manifest_path() -> Path:
+    """The manifest the runtime loads (``$VLLM_MOE_AOT_ARTIFACTS`` or the installed one)."""
+    from vllm_moe_aot.runtime.manifest import MANIFEST_NAME, default_artifacts_dir
+
+    return default_artifacts_dir() / MANIFEST_NAME
+
+
+def read_code_objects(manifest: Path | None = None) -> tuple[dict[str, int], str]:
+    """``(code objects per build target, problem)``; the problem is "" when the manifest
+    loaded. Cached per file modification time: the oracle asks once per layer."""
+    path = Path(manifest) if manifest is not None else manifest_path()
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError:
+        mtime = -1
+    counts, problem = _manifest_counts(str(path), mtime)
+    return dict(counts), problem
+
+
+def code_objects_per_target(manifest: Path | None = None) -> dict[str, int]:
+    """Number of code objects per build target in the manifest ({} when there is none)."""
+    return read_code_objects(manifest)[0]
+
+
+def config_dir(override: str | os.PathLike | None = None) -> Path:
+    """Directory holding the tuned CSVs: ``override``, ``$VLLM_MOE_AOT_CONFIG_DIR`` or shipped."""
+    chosen = override or os.environ.get(CONFIG_DIR_ENV)
+    return Path(chosen) if chosen else SHIPPED_CONFIG_DIR
+
+
+def config_dir_arg(override: str | os.PathLike | None = None) -> Path | None:
+    """What to pass as ``config_dir`` to ``DispatchTable.for_layer``: None means shipped."""
+    chosen = override or os.environ.get(CONFIG_DIR_ENV)
+    return Path(chosen) if chosen else None
+
+
+def tuned_config_files(directory: Path | None = None) -> list[Path]:
+    directory = config_dir() if directory is None else directory
+    return sorted(directory.glob("*.tuned.csv")) if directory.is_dir() else []
+
+
+def summary_line(info: PlatformInfo | None = None) -> str:
+    """The plugin's one start-up line: version, GPU arch, code objects, configs found."""
+    info = detect_platform() if info is None else info
+    counts = code_objects_per_target()
+    if info.has_gpu:
+        where = f"GPU {info.gpu_name} ({info.arch}{'' if info.supported else ': ' + info.note})"
+    else:
+        where = info.note
+    objects = ", ".join(f"{t}={n}" for t, n in sorted(counts.items())) or "none (no manifest)"
+    directory = config_dir()
+    files = tuned_config_files(directory)
+    configs = ", ".join(p.name for p in files) if files else "none"
+    return (f"vllm-moe-aot {__version__} ({BACKEND_NAME}) on: {where}; "
+            f"code objects per target: {objects}; tuned configs in {directory}: {configs}")
+
+
+# --- the subcommand -------------------------------------------------------------------------
+
+def devices_in_configs(files: list[Path], shape: MoEShape | None = None,
+                       scheme: Scheme | None = None) -> list[tuple[str, str]]:
+    """Distinct ``(device name, arch)`` pairs the tuned CSVs hold rows for (for ``shape`` and
+    ``scheme`` when given). Malformed rows are skipped here; the dispatch table reports them."""
+    from vllm_moe_aot.configs import RowKey, read_tuned
+
+    layer = RowKey.of(shape, scheme, 1).layer() if shape is not None else None
+    seen: set[tuple[str, str]] = set()
+    for path in files:
+        try:
+            rows, _issues = read_tuned(path)
+        except Exception:
+            continue
+        seen.update(r.device_key() for r in rows if layer is None or r.key.layer() == layer)
+    return sorted(seen)
+
+
+def describe_dispatch(shape: MoEShape, scheme: Scheme, gpu_name: str, arch: str,
+                      directory: Path | None) -> list[str]:
+    """Lines saying which M buckets go to the AOT pipeline and which to stock."""
+    from vllm_moe_aot.configs import DispatchTable
+
+    table = DispatchTable.for_layer(shape, scheme, gpu_name, arch, config_dir=directory)
+    if table.is_empty:
+        return ["no tuned rows: every M runs stock (vLLM's TritonExperts)"]
+    rows = table.describe()
+    lines = []
+    for i, (m, choice) in enumerate(rows):
+        bound = f"M <= {m}" if i < len(rows) - 1 else f"M <= {m} (and above)"
+        kind = "stock" if choice == "stock" else "aot  "
+        detail = "" if choice == "stock" else f"  {choice}"
+        lines.append(f"{bound:<24} {kind}{detail}")
+    n_aot = sum(1 for _, c in rows if c != "stock")
+    lines.append(f"{n_aot} of {len(rows)} tuned M buckets go to the AOT pipeline")
+    return lines
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", action="append", choices=sorted(PRESETS),
+                        help="only this preset (repeatable; default: all)")
+    parser.add_argument("--config-dir", default=None,
+                        help=f"tuned CSV directory (default: ${CONFIG_DIR_ENV} or the shipped "
+                             "configs)")
+    parser.add_argument("--manifest", default=None, help="manifest.json to read "
+                        "(default: the installed package's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = sys.stdout
+    torch_build = (f"CUDA {torch.version.cuda}" if torch.version.cuda else
+                   f"HIP {torch.version.hip}" if torch.version.hip else "CPU")
+    print(f"vllm-moe-aot {__version__}", file=out)
+    print(f"platform: {platform.system()} {platform.machine()}, python "
+          f"{platform.python_version()}, torch {torch.__version__} ({torch_build}), triton "
+          f"{_version('triton')}, vllm {_version('vllm')}", file=out)
+    env_value = os.environ.get(ENV_VAR)
+    state = ("on" if env_value == BACKEND_NAME else
+             "off (unset)" if not env_value else f"off (unknown value {env_value!r})")
+    print(f"vLLM backend: {ENV_VAR}={env_value or ''} -> {state}"
+          + ("" if env_value == BACKEND_NAME else f"; set {ENV_VAR}={BACKEND_NAME} to use it"),
+          file=out)
+
+    manifest = Path(args.manifest) if args.manifest else manifest_path()
+    counts, problem = read_code_objects(manifest)
+    info = detect_platform()
+    if info.has_gpu:
+        verdict = "supported" if counts.get(info.arch) else "not supported (no code objects)"
+        print(f"GPU: {info.gpu_name}, arch {info.arch}: {verdict}", file=out)
+    else:
+        print("GPU: no GPU: showing every GPU the tuned configs hold rows for", file=out)
+
+    print(f"code objects ({manifest}):", file=out)
+    for target, n in sorted(counts.items()):
+        mark = "  <- this GPU" if info.has_gpu and target == info.arch else ""
+        print(f"  {target:<8} {n}{mark}", file=out)
+    if not counts:
+        print(f"  none: {problem or 'the manifest lists no code objects'}", file=out)
+
+    directory = config_dir(args.config_dir)
+    files = tuned_config_files(directory)
+    print(f"tuned configs ({directory}):", file=out)
+    for path in files:
+        print(f"  {path.name}", file=out)
+    if not files:
+        print("  none", file=out)
+
+    status = 0
+    for name in args.preset or sorted(PRESETS):
+        preset: Preset = PRESETS[name]
+        print(f"preset {preset.name} ({preset.model}): {preset.shape} {preset.scheme.value}",
+              file=out)
+        if info.has_gpu:
+            devices = [(info.gpu_name, info.arch)]
+        else:
+            devices = devices_in_configs(files, preset.shape, preset.scheme)
+            if not devices:
+                print("  no tuned rows for any GPU: every M runs stock", file=out)
+        for gpu_name, arch in devices:
+            print(f"  {gpu_name} ({arch}):", file=out)
+            try:
+                lines = describe_dispatch(preset.shape, preset.scheme, gpu_name, arch,
+                                          config_dir_arg(args.config_dir))
+            except Exception as exc:  # report it and go on with the other presets
+                lines = [f"cannot build the dispatch table: {type(exc).__name__}: {exc}"]
+                status = 1
+            for line in lines:
+                print(f"    {line}", file=out)
+    return status

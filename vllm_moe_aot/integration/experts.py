@@ -1,0 +1,308 @@
+"""``AotExperts``: vLLM 0.33 FP8 MoE experts that run the AOT pipeline where it was tuned faster.
+
+How the object learns its weights: vLLM's FP8 MoE methods (``Fp8MoEMethod``, the
+compressed-tensors W8A8 FP8 method, the online FP8 methods) never call
+``fused_experts.process_weights_after_loading``. They build the kernel at the end of their own
+``process_weights_after_loading``, once the checkpoint's scales have been converted, by
+constructing the experts with a ``FusedMoEQuantConfig`` that holds those final scales (the
+layer's parameters). The weights themselves arrive with every ``apply`` call. So the
+metadata is built in ``__init__`` (``process_weights_after_loading`` stays an idempotent entry
+for callers that do call it).
+
+Inputs: ``expects_unquantized_inputs`` is True whenever the pipeline is in use, so ``apply``
+receives bf16 hidden states (the pipeline quantises them itself, per scheme). Batches that go
+to stock are quantised inside ``apply`` with vLLM's own ``moe_kernel_quantize_input`` and the
+layer's quant config, exactly the call vLLM's prepare step would have made, then handed to an
+owned ``TritonExperts``. The AOT path allocates nothing and never synchronises; the stock path
+allocates what vLLM's Triton path always allocates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import vllm.model_executor.layers.fused_moe.modular_kernel as mk
+from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+from vllm.model_executor.layers.fused_moe.config import (
+    FusedMoEConfig,
+    FusedMoEParallelConfig,
+    FusedMoEQuantConfig,
+)
+from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
+from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
+    TopKWeightAndReduceNoOP,
+)
+from vllm.model_executor.layers.fused_moe.utils import moe_kernel_quantize_input
+from vllm.model_executor.layers.quantization.utils.quant_utils import (
+    QuantKey,
+    kFp8Dynamic128Sym,
+    kFp8DynamicTensorSym,
+    kFp8DynamicTokenSym,
+    kFp8StaticChannelSym,
+    kFp8StaticTensorSym,
+)
+
+from vllm_moe_aot.info import INTERPRETER_ARCH, PlatformInfo, cuda_arch, platform_info
+from vllm_moe_aot.integration import get_logger, log_once
+from vllm_moe_aot.integration.metadata import DEFAULT_MAX_TOKENS, STOCK, ExpertMetadata
+from vllm_moe_aot.shapes import MoEShape, Scheme, unsupported_reason
+
+logger = get_logger("experts")
+
+#: (weight key, activation key) the oracle passes -> our scheme
+SCHEME_BY_KEYS: dict[tuple[QuantKey, QuantKey], Scheme] = {
+    (kFp8StaticTensorSym, kFp8StaticTensorSym): Scheme.FP8_PER_TENSOR_STATIC,
+    (kFp8StaticTensorSym, kFp8DynamicTensorSym): Scheme.FP8_PER_TENSOR_DYNAMIC,
+    # compressed-tensors hands per-tensor weights with dynamic per-tensor activations to the
+    # oracle as the 1x128 group key; its quant config is plain dynamic per tensor.
+    (kFp8StaticTensorSym, kFp8Dynamic128Sym): Scheme.FP8_PER_TENSOR_DYNAMIC,
+    (kFp8StaticChannelSym, kFp8DynamicTokenSym): Scheme.FP8_PTPC,
+}
+
+
+def vllm_platform_info() -> PlatformInfo:
+    """This process's GPU, asked through vLLM's platform (NVML/amdsmi: no CUDA init)."""
+    from vllm.platforms import current_platform as p
+
+    if p.is_cuda():
+        cap = p.get_device_capability()
+        arch = cuda_arch(cap.major, cap.minor) if cap is not None else "sm_unknown"
+        return platform_info(torch.device("cuda"), p.get_device_name(), arch)
+    if p.is_rocm():
+        from vllm.platforms import rocm
+
+        arch = "gfx942" if rocm.on_gfx942() else "gfx950" if rocm.on_gfx950() else "gfx"
+        return platform_info(torch.device("cuda"), p.get_device_name(), arch)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return platform_info(torch.device("cpu"), "cpu", INTERPRETER_ARCH)
+    return PlatformInfo(None, None, None, False, f"no GPU ({type(p).__name__})")
+
+
+def layer_shape(moe_config: FusedMoEConfig) -> MoEShape:
+    """The per-rank shape: local experts, hidden, intermediate per partition, top-k."""
+    return MoEShape(E=moe_config.num_local_experts, K=moe_config.hidden_dim,
+                    N=moe_config.intermediate_size_per_partition,
+                    topk=moe_config.experts_per_token)
+
+
+def scheme_for_quant_config(qc: FusedMoEQuantConfig) -> Scheme:
+    """The scheme a layer's final quant config describes; ValueError if not ours."""
+    if not qc.use_fp8_w8a8:
+        raise ValueError(f"quant config is not FP8 W8A8 (quant dtype {qc.quant_dtype})")
+    if qc.block_shape is not None:
+        raise ValueError(f"block-quantised FP8 ({qc.block_shape}) stays with vLLM")
+    if qc.per_out_ch_quant:
+        if not qc.per_act_token_quant:
+            raise ValueError("per-channel weights with per-tensor activations")
+        return Scheme.FP8_PTPC
+    if qc.per_act_token_quant:
+        raise ValueError("per-tensor weights with per-token activations (VLLM_BATCH_INVARIANT)")
+    return Scheme.FP8_PER_TENSOR_STATIC if qc.a1_scale is not None else (
+        Scheme.FP8_PER_TENSOR_DYNAMIC)
+
+
+def layer_unsupported_reason(moe_config: FusedMoEConfig, weight_key: QuantKey | None,
+                             activation_key: QuantKey | None) -> str | None:
+    """What vLLM's generic checks leave out; None when the AOT pipeline can take the layer."""
+    scheme = SCHEME_BY_KEYS.get((weight_key, activation_key))
+    if scheme is None:
+        return f"quantization scheme {weight_key} x {activation_key}"
+    if moe_config.moe_backend != "auto":
+        return f"--moe-backend {moe_config.moe_backend} was asked for explicitly"
+    if moe_config.in_dtype != torch.bfloat16:
+        return f"activation dtype {moe_config.in_dtype} (the pipeline takes bfloat16)"
+    if moe_config.has_bias:
+        return "expert biases"
+    if any(v is not None for v in (moe_config.swiglu_limit, moe_config.swiglu_alpha,
+                                    moe_config.swiglu_beta)):
+        return "SwiGLU limit/alpha/beta"
+    from vllm.config import get_current_vllm_config_or_none
+
+    vllm_config = get_current_vllm_config_or_none()
+    if vllm_config is not None and vllm_config.parallel_config.enable_dbo:
+        return ("dual-batch overlap (two micro-batches at once would share the pipeline's "
+                "workspace)")
+    reason = unsupported_reason(layer_shape(moe_config), scheme)
+    return None if reason is None else f"shape {layer_shape(moe_config)}: {reason}"
+
+
+class AotExperts(mk.FusedMoEExpertsModular):
+    """Per batch size: the AOT pipeline (tuned faster) or vLLM's ``TritonExperts`` (stock)."""
+
+    def __init__(
+        self,
+        moe_config: FusedMoEConfig,
+        quant_config: FusedMoEQuantConfig,
+        max_num_tokens: int | None = None,
+        num_dispatchers: int | None = None,
+    ):
+        super().__init__(moe_config, quant_config, max_num_tokens, num_dispatchers)
+        #: vLLM's Triton experts on the same quant config: every batch the pipeline does not take
+        self.stock = TritonExperts(moe_config, quant_config)
+        self.metadata: ExpertMetadata | None = None
+        #: why this layer runs stock at every batch size, when metadata could not be built
+        self.fallback_reason: str | None = None
+        self.process_weights_after_loading(None)
+
+    # --- what the oracle asks -----------------------------------------------------------------
+
+    @staticmethod
+    def is_supported_config(
+        cls: type[mk.FusedMoEExperts],
+        moe_config: FusedMoEConfig,
+        weight_key: QuantKey | None,
+        activation_key: QuantKey | None,
+        activation_format: mk.FusedMoEActivationFormat,
+    ) -> tuple[bool, str | None]:
+        device = vllm_platform_info()
+        if not device.supported:
+            return False, f"kernel does not support this device: {device.note}"
+        supported, reason = mk.FusedMoEExperts.is_supported_config(
+            cls, moe_config, weight_key, activation_key, activation_format)
+        if not supported:
+            return False, reason
+        reason = layer_unsupported_reason(moe_config, weight_key, activation_key)
+        return reason is None, reason
+
+    @staticmethod
+    def activation_format() -> mk.FusedMoEActivationFormat:
+        return mk.FusedMoEActivationFormat.Standard
+
+    @staticmethod
+    def _supports_current_device() -> bool:
+        return vllm_platform_info().supported
+
+    @staticmethod
+    def _supports_no_act_and_mul() -> bool:
+        return False
+
+    @staticmethod
+    def _supports_quant_scheme(weight_key: QuantKey | None,
+                               activation_key: QuantKey | None) -> bool:
+        return (weight_key, activation_key) in SCHEME_BY_KEYS
+
+    @staticmethod
+    def _supports_activation(activation: MoEActivation) -> bool:
+        return activation == MoEActivation.SILU
+
+    @staticmethod
+    def _supports_parallel_config(moe_parallel_config: FusedMoEParallelConfig) -> bool:
+        # Expert parallelism would send every batch to stock (expert_map) and dispatch bf16
+        # instead of fp8 tokens: leave EP layers to vLLM's own choice.
+        return (not moe_parallel_config.use_ep
+                and TritonExperts._supports_parallel_config(moe_parallel_config))
+
+    @staticmethod
+    def _supports_batch_invariance() -> bool:
+        return False  # the variant (and so the rounding) changes with the batch size
+
+    # --- weights ------------------------------------------------------------------------------
+
+    def process_weights_after_loading(self, layer: torch.nn.Module | None) -> None:
+        """Build :class:`ExpertMetadata` once (from the quant config's final scales; the
+        weights come with each ``apply``, and the pipeline checks them there); on any failure
+        log the cause and run stock."""
+        if self.metadata is not None or self.fallback_reason is not None:
+            return
+        shape = layer_shape(self.moe_config)
+        try:
+            qc = self.quant_config
+            scheme = scheme_for_quant_config(qc)
+            from vllm_moe_aot.info import config_dir_arg
+
+            self.metadata = ExpertMetadata.build(
+                shape, scheme, qc.w1_scale, qc.w2_scale, qc.a1_scale, qc.a2_scale,
+                max_tokens=max(1, min(DEFAULT_MAX_TOKENS, self.moe_config.max_num_tokens)),
+                config_directory=config_dir_arg(),
+                tp_size=self.moe_config.tp_size,
+            )
+        except Exception as exc:  # anything at all: this layer runs stock, once said why
+            self.fallback_reason = f"{type(exc).__name__}: {exc}"
+            log_once(logger, logging.WARNING,
+                     f"vllm-moe-aot: MoE layer {shape} runs vLLM's TritonExperts at every batch "
+                     f"size: {self.fallback_reason}")
+
+    def _give_up(self, reason: str) -> None:
+        """From now on this layer runs stock (and vLLM quantises its input again)."""
+        self.metadata = None
+        self.fallback_reason = reason
+        log_once(logger, logging.ERROR,
+                 f"vllm-moe-aot: MoE layer {layer_shape(self.moe_config)} runs vLLM's "
+                 f"TritonExperts from now on: {reason}")
+
+    # --- forward ------------------------------------------------------------------------------
+
+    @property
+    def expects_unquantized_inputs(self) -> bool:
+        # Only when some batch size may go to the pipeline, which quantises its input itself;
+        # otherwise vLLM's prepare step quantises as it always does.
+        return self.metadata is not None and self.metadata.uses_pipeline
+
+    def finalize_weight_and_reduce_impl(self) -> mk.TopKWeightAndReduce:
+        # Both paths write the weighted, top-k-reduced [M, K] output themselves.
+        return TopKWeightAndReduceNoOP()
+
+    def workspace_shapes(self, M, N, K, topk, global_num_experts, local_num_experts,
+                         expert_tokens_meta, activation):
+        # Stock's, for every M: vLLM's workspace manager locks its high-water mark after
+        # profiling, so a size that depended on the M -> path choice could outgrow it later.
+        # The pipeline's own workspace is allocated once, when the pipeline is built.
+        return self.stock.workspace_shapes(M, N, K, topk, global_num_experts,
+                                           local_num_experts, expert_tokens_meta, activation)
+
+    def route(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, activation: MoEActivation,
+              expert_map: torch.Tensor | None, apply_router_weight_on_input: bool) -> str:
+        """``"stock"`` or the pipeline variant for this call (host-side checks only)."""
+        md = self.metadata
+        if (md is None or not md.uses_pipeline or expert_map is not None
+                or apply_router_weight_on_input or activation != MoEActivation.SILU
+                or self.post_gemm2_hook is not None
+                or hidden_states.dtype != torch.bfloat16 or not hidden_states.is_contiguous()
+                or topk_ids.dtype != torch.int32 or topk_weights.dtype != torch.float32):
+            return STOCK
+        return md.choose(hidden_states.size(0))
+
+    def apply(
+        self,
+        output: torch.Tensor,
+        hidden_states: torch.Tensor,
+        w1: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        activation: MoEActivation,
+        global_num_experts: int,
+        expert_map: torch.Tensor | None,
+        a1q_scale: torch.Tensor | None,
+        a2_scale: torch.Tensor | None,
+        workspace13: torch.Tensor,
+        workspace2: torch.Tensor,
+        expert_tokens_meta: mk.ExpertTokensMetadata | None,
+        apply_router_weight_on_input: bool,
+    ):
+        variant = self.route(hidden_states, topk_weights, topk_ids, activation, expert_map,
+                             apply_router_weight_on_input)
+        if variant != STOCK:
+            md = self.metadata
+            try:
+                md.pipeline.run(variant, hidden_states, w1, w2, md.w13_scale, md.w2_scale,
+                                topk_weights, topk_ids, output, md.a13_scale, md.a2_scale)
+                return None
+            except Exception as exc:  # e.g. code objects that do not match this package
+                self._give_up(f"the pipeline failed running {variant!r} at M="
+                              f"{hidden_states.size(0)}: {type(exc).__name__}: {exc}")
+        if hidden_states.dtype != w1.dtype:
+            # We asked vLLM not to quantise (expects_unquantized_inputs): do what its prepare
+            # step would have done, with the same helper and the same quant config.
+            assert a1q_scale is None
+            hidden_states, a1q_scale = moe_kernel_quantize_input(
+                hidden_states, self.a1_scale, self.quant_dtype, self.per_act_token_quant,
+                self.block_shape)
+        self.stock.post_gemm2_hook = self.post_gemm2_hook
+        return self.stock.apply(output, hidden_states, w1, w2, topk_weights, topk_ids,
+                                activation, global_num_experts, expert_map, a1q_scale,
+                                a2_scale, workspace13, workspace2, expert_tokens_meta,
+                                apply_router_weight_on_input)
