@@ -506,6 +506,9 @@ _MODES = {
     "_fastacc_k256": ("k256", False),
     "_fastacc_n64": ("n64", False),
 }
+#: the product gate (vllm_moe_aot.reference.GATE_REL_FRO): what unpromoted fp8 MMA
+#: accumulation over K=4096 is held to, as vLLM's stock kernel is (measured 1.1e-2 to 1.6e-2)
+GATE_TOLERANCE = 3e-2
 #: stage-1 tiles also built without per-chunk promotion (the "_fastacc" modes)
 _FASTACC_TILES = ("m64", "m64n64", "m128")
 
@@ -599,7 +602,8 @@ def _grouped_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
                 max_n[scheme] = bn
         variants.append(PipelineVariant(
             name=f"grouped_{tag}{suffix}", regime="grouped", kernels=kernels,
-            quantize_activations=True, max_n=max_n))
+            quantize_activations=True, max_n=max_n,
+            tolerance=1e-2 if promote else GATE_TOLERANCE))
     specs.extend(s1_specs.values())
     return specs, variants
 

@@ -93,6 +93,9 @@ class PipelineVariant:
     ``quantize_activations`` says which reference semantics the variant matches (False: W8A16,
     activations kept in fp32). ``max_tokens`` is the largest batch the variant is meant for:
     the tuner does not try it beyond (it would be correct, only pointlessly slow).
+    ``tolerance`` is the relative error against the float64 reference the variant is held to
+    in tests: 1e-2 by default; variants that chain Hopper's reduced-precision fp8 MMA
+    accumulator over all of K (like vLLM's stock kernel) declare the product gate instead.
     """
 
     name: str
@@ -101,3 +104,4 @@ class PipelineVariant:
     quantize_activations: bool
     max_n: dict[str, int] = field(default_factory=dict)
     max_tokens: int = 1 << 30
+    tolerance: float = 1e-2

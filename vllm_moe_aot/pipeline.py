@@ -144,6 +144,10 @@ class FusedMoE:
         """Which reference semantics ``variant`` computes (False: W8A16)."""
         return bool(self._variant(variant)["quantize_activations"])
 
+    def tolerance(self, variant: str) -> float:
+        """Relative error vs the float64 reference ``variant`` is held to in tests."""
+        return float(self._variant(variant).get("tolerance", 1e-2))
+
     def _variant(self, variant: str) -> dict:
         try:
             return self._variants[variant]
