@@ -11,7 +11,10 @@ fp32 -> fp8 casts through an exact conversion because the interpreter rounds the
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from vllm_moe_aot.runtime.errors import AotRuntimeError, CodeObjectError
@@ -33,12 +36,23 @@ def decode_constexpr(v: Any) -> Any:
     return v
 
 
+def _with_checkout_on_path(mod_name: str) -> str:
+    """Kernel sources live in the source checkout beside the package (``kernels/``), which an
+    editable install does not put on sys.path: add the checkout root when it holds them."""
+    top = mod_name.partition(".")[0]
+    if importlib.util.find_spec(top) is None:
+        root = Path(__file__).resolve().parents[2]
+        if (root / top / "__init__.py").is_file() and str(root) not in sys.path:
+            sys.path.append(str(root))
+    return mod_name
+
+
 def import_source(source: str, kernel: str) -> Any:
     mod_name, _, fn_name = source.partition(":")
     if not mod_name or not fn_name:
         raise CodeObjectError(f"kernel {kernel!r}: source {source!r} is not 'module:function'")
     try:
-        mod = importlib.import_module(mod_name)
+        mod = importlib.import_module(_with_checkout_on_path(mod_name))
     except ImportError as e:
         raise CodeObjectError(
             f"kernel {kernel!r}: cannot import {mod_name!r} for the interpreter ({e}); the "
