@@ -168,3 +168,20 @@ def test_dynamic_wide_n_has_no_grouped_variant_but_gemv():
     static = FusedMoE(shape, Scheme.FP8_PER_TENSOR_STATIC, "cpu", max_tokens=4)
     assert "grouped_m64" in static.variants
     run_and_check(ptpc, ptpc.variants[0], make(shape, Scheme.FP8_PTPC, 3, seed=11))
+
+
+def test_failed_launch_leaves_the_histogram_clean(monkeypatch):
+    """A launch that fails after prep counted the experts must not poison the next call."""
+    moe = FusedMoE(SMALL, Scheme.FP8_PTPC, "cpu", max_tokens=16)
+    p = make(SMALL, Scheme.FP8_PTPC, 9, seed=12)
+    scatter = moe._stages["grouped_m16"]["scatter"].kernel
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated driver failure")
+
+    monkeypatch.setattr(scatter, "launch", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(moe, "grouped_m16", p)
+    assert int(moe.ws.counts.abs().sum()) == 0
+    monkeypatch.undo()
+    run_and_check(moe, "grouped_m16", make(SMALL, Scheme.FP8_PTPC, 9, seed=13))

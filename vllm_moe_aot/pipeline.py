@@ -18,6 +18,7 @@ fp32 ``[M, topk]``; ``topk_ids`` int32 ``[M, topk]`` with values in ``[0, E)``; 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -191,10 +192,17 @@ class FusedMoE:
         blocks = _cdiv(pairs + min(pairs, s.E) * (bm - 1), bm)
         st["prep"].kernel.launch((M, 1, 1), x, ws.xq, ws.a_scale, a13, ids, ws.counts,
                                  ws.acc, s.K, s.topk)
-        st["align"].kernel.launch((s.E, 1, 1), ws.counts, ws.cursor, ws.block_expert,
-                                  ws.sorted_ids, ws.total, s.E, pairs)
-        st["scatter"].kernel.launch((_cdiv(pairs, st["scatter"].consts["BLOCK"]), 1, 1),
-                                    ids, ws.cursor, ws.sorted_ids, ws.counts, pairs, s.E)
+        try:
+            st["align"].kernel.launch((s.E, 1, 1), ws.counts, ws.cursor, ws.block_expert,
+                                      ws.sorted_ids, ws.total, s.E, pairs)
+            st["scatter"].kernel.launch((_cdiv(pairs, st["scatter"].consts["BLOCK"]), 1, 1),
+                                        ids, ws.cursor, ws.sorted_ids, ws.counts, pairs, s.E)
+        except BaseException:
+            # prep has counted this call's experts and scatter never cleared them: restore
+            # the all-zero histogram the next call (of any layer sharing it) relies on
+            with contextlib.suppress(Exception):
+                ws.counts.zero_()
+            raise
         s1 = st["stage1"]
         s1.kernel.launch((blocks, _cdiv(s.N, s1.consts["BLOCK_N"]), 1),
                          ws.xq, ws.a_scale, a13, w13, w13_scale, a2, ws.sorted_ids,
