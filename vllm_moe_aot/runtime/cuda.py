@@ -16,8 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 from vllm_moe_aot.runtime.code_object import CodeObject
-from vllm_moe_aot.runtime.errors import CodeObjectError, DriverError
-from vllm_moe_aot.runtime.kernel import DeviceKernel
+from vllm_moe_aot.runtime.errors import CodeObjectError, DriverError, LaunchArgumentError
+from vllm_moe_aot.runtime.kernel import Kernel, bad_grid, grid3
+from vllm_moe_aot.runtime.params import ParamPack
+from vllm_moe_aot.runtime.scratch import Scratch, scratch_values
 
 #: the default dynamic shared-memory limit; more needs the per-function opt-in
 DEFAULT_MAX_DYNAMIC_SHARED = 48 * 1024
@@ -171,15 +173,29 @@ class CudaLauncher:
         return CudaKernel(self, co, module, func, max_programs)
 
 
-class CudaKernel(DeviceKernel):
+class CudaKernel(Kernel):
     def __init__(self, launcher: CudaLauncher, co: CodeObject, module: Any, func: Any,
                  max_programs: int | None):
-        super().__init__(launcher, co, module, func, max_programs)
+        e = co.entry
+        self.name, self.target, self.entry, self.path = e.name, e.target, e, co.path
+        self.launcher = launcher
+        self.module, self.func = module, func
+        self.params = ParamPack(e.name, [p.name for p in e.params], [p.type for p in e.params],
+                                sum(p.appended for p in e.params))
+        self.scratch = Scratch.for_entry(e, max_programs, launcher._alloc, launcher.device_index)
+        self.params.set_appended(scratch_values(e, self.scratch))
+        self._write = self.params.write
+        self._addr = self.params.address
+        self._threads = e.threads_per_block
+        self._shared = e.shared
+        self._stream = launcher._stream_fn
         self._drv = launcher.drv
         self._launch_fn = launcher.drv.cuLaunchKernel
+        self._ok = launcher.SUCCESS
         self._configs: dict[bool, Any] = {}
         # a cooperative kernel always goes through cuLaunchKernelEx with its attribute
-        self._always_ex = bool(self.entry.launch_cooperative_grid or self.entry.launch_pdl)
+        self._always_ex = bool(e.launch_cooperative_grid or e.launch_pdl)
+        self._max_programs = self.scratch.max_programs if self.scratch else None
 
     def _config(self, pdl: bool) -> Any:
         cfg = self._configs.get(pdl)
@@ -206,10 +222,22 @@ class CudaKernel(DeviceKernel):
         return cfg
 
     def launch(self, grid: Any, *args: Any, pdl: bool = False) -> None:
-        g = self._prepare(grid, args)
-        if g is None:
-            return
-        gx, gy, gz = g
+        try:
+            self._write(*args)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise self._arg_error(args, exc) from None
+        gx, gy, gz = grid3(grid, self.name)
+        try:
+            if gx <= 0 or gy <= 0 or gz <= 0:
+                if gx < 0 or gy < 0 or gz < 0:
+                    raise bad_grid(grid, self.name)
+                return
+        except TypeError:
+            raise bad_grid(grid, self.name) from None
+        if self._max_programs is not None and gx * gy * gz > self._max_programs:
+            raise LaunchArgumentError(
+                f"kernel {self.name!r}: grid {grid!r} has more programs than the "
+                f"{self._max_programs} its scratch buffer was sized for (max_programs)")
         stream = self._stream()
         if pdl or self._always_ex:
             cfg = self._config(pdl or self.entry.launch_pdl)

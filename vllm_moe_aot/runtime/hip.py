@@ -17,8 +17,10 @@ from typing import Any
 
 from vllm_moe_aot.runtime.code_object import CodeObject
 from vllm_moe_aot.runtime.cuda import torch_stream_fn
-from vllm_moe_aot.runtime.errors import CodeObjectError, DriverError
-from vllm_moe_aot.runtime.kernel import DeviceKernel
+from vllm_moe_aot.runtime.errors import CodeObjectError, DriverError, LaunchArgumentError
+from vllm_moe_aot.runtime.kernel import Kernel, bad_grid, grid3
+from vllm_moe_aot.runtime.params import ParamPack
+from vllm_moe_aot.runtime.scratch import Scratch, scratch_values
 
 _HINTS = {
     "hipErrorNoBinaryForGpu": "the code object is for another GPU (gfx942 vs gfx950?)",
@@ -129,20 +131,46 @@ class HipLauncher:
         return HipKernel(self, co, module, func, max_programs)
 
 
-class HipKernel(DeviceKernel):
+class HipKernel(Kernel):
     def __init__(self, launcher: HipLauncher, co: CodeObject, module: Any, func: Any,
                  max_programs: int | None):
-        if co.entry.launch_cooperative_grid:
-            raise CodeObjectError(f"kernel {co.entry.name!r}: cooperative launches are not "
-                                  f"supported by the HIP launcher")
-        super().__init__(launcher, co, module, func, max_programs)
+        e = co.entry
+        self.name, self.target, self.entry, self.path = e.name, e.target, e, co.path
+        self.launcher = launcher
+        self.module, self.func = module, func
+        self.params = ParamPack(e.name, [p.name for p in e.params], [p.type for p in e.params],
+                                sum(p.appended for p in e.params))
+        self.scratch = Scratch.for_entry(e, max_programs, launcher._alloc, launcher.device_index)
+        self.params.set_appended(scratch_values(e, self.scratch))
+        self._write = self.params.write
+        self._addr = self.params.address
+        self._threads = e.threads_per_block
+        self._shared = e.shared
+        self._stream = launcher._stream_fn
         self._launch_fn = launcher.drv.hipModuleLaunchKernel
+        self._ok = launcher.SUCCESS
+        self._max_programs = self.scratch.max_programs if self.scratch else None
+        if e.launch_cooperative_grid:
+            raise CodeObjectError(f"kernel {e.name!r}: cooperative launches are not supported "
+                                  f"by the HIP launcher")
 
     def launch(self, grid: Any, *args: Any, pdl: bool = False) -> None:
-        g = self._prepare(grid, args)
-        if g is None:
-            return
-        gx, gy, gz = g
+        try:
+            self._write(*args)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise self._arg_error(args, exc) from None
+        gx, gy, gz = grid3(grid, self.name)
+        try:
+            if gx <= 0 or gy <= 0 or gz <= 0:
+                if gx < 0 or gy < 0 or gz < 0:
+                    raise bad_grid(grid, self.name)
+                return
+        except TypeError:
+            raise bad_grid(grid, self.name) from None
+        if self._max_programs is not None and gx * gy * gz > self._max_programs:
+            raise LaunchArgumentError(
+                f"kernel {self.name!r}: grid {grid!r} has more programs than the "
+                f"{self._max_programs} its scratch buffer was sized for (max_programs)")
         (err,) = self._launch_fn(self.func, gx, gy, gz, self._threads, 1, 1, self._shared,
                                  self._stream(), self._addr, None)
         if err != self._ok:

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from vllm_moe_aot.runtime.errors import AotRuntimeError, CodeObjectError
-from vllm_moe_aot.runtime.kernel import Kernel
+from vllm_moe_aot.runtime.kernel import Kernel, bad_grid, grid3
 from vllm_moe_aot.runtime.manifest import ObjectEntry
+from vllm_moe_aot.runtime.params import ParamPack
 
 #: the manifest target whose entries the interpreter follows
 REFERENCE_TARGET = "sm_90a"
@@ -94,9 +95,22 @@ class InterpretedKernel(Kernel):
         if EXACT_CAST in consts:
             consts[EXACT_CAST] = True
         self.constexprs = consts
-        self._init_params(entry)
+        self.params = ParamPack(entry.name, [p.name for p in entry.params],
+                                [p.type for p in entry.params],
+                                sum(p.appended for p in entry.params))
+        self._write = self.params.write
 
     def launch(self, grid: Any, *args: Any, pdl: bool = False) -> None:
-        g = self._prepare(grid, args)  # the same argument checks as the GPU launchers
-        if g is not None:
-            self.fn[g](*args, **self.constexprs, num_warps=self.entry.num_warps)
+        try:
+            self._write(*args)  # the same argument checks as the GPU launchers
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise self._arg_error(args, exc) from None
+        gx, gy, gz = grid3(grid, self.name)
+        try:
+            if gx <= 0 or gy <= 0 or gz <= 0:
+                if gx < 0 or gy < 0 or gz < 0:
+                    raise bad_grid(grid, self.name)
+                return
+        except TypeError:
+            raise bad_grid(grid, self.name) from None
+        self.fn[(gx, gy, gz)](*args, **self.constexprs, num_warps=self.entry.num_warps)

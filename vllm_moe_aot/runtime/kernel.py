@@ -7,7 +7,6 @@ from typing import Any
 from vllm_moe_aot.runtime.errors import LaunchArgumentError
 from vllm_moe_aot.runtime.manifest import ObjectEntry
 from vllm_moe_aot.runtime.params import ParamPack
-from vllm_moe_aot.runtime.scratch import Scratch, scratch_values
 
 
 def grid3(grid: Any, kernel: str) -> tuple[int, int, int]:
@@ -47,35 +46,6 @@ class Kernel:
     target: str
     entry: ObjectEntry
     params: ParamPack | None
-    _max_programs: int | None = None
-
-    def _init_params(self, entry: ObjectEntry) -> None:
-        """The parameter buffer, packed once: a launch only overwrites the user's values."""
-        self.params = ParamPack(entry.name, [p.name for p in entry.params],
-                                [p.type for p in entry.params],
-                                sum(p.appended for p in entry.params))
-        self._write = self.params.write
-
-    def _prepare(self, grid: Any, args: tuple) -> tuple[int, int, int] | None:
-        """Write ``args`` into the parameter buffer and check ``grid``; None for an empty grid
-        (nothing to launch). The same checks for every launcher."""
-        try:
-            self._write(*args)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise self._arg_error(args, exc) from None
-        gx, gy, gz = grid3(grid, self.name)
-        try:
-            if gx <= 0 or gy <= 0 or gz <= 0:
-                if gx < 0 or gy < 0 or gz < 0:
-                    raise bad_grid(grid, self.name)
-                return None
-        except TypeError:
-            raise bad_grid(grid, self.name) from None
-        if self._max_programs is not None and gx * gy * gz > self._max_programs:
-            raise LaunchArgumentError(
-                f"kernel {self.name!r}: grid {grid!r} has more programs than the "
-                f"{self._max_programs} its scratch buffer was sized for (max_programs)")
-        return gx, gy, gz
 
     def launch(self, grid: Any, *args: Any, pdl: bool = False) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -91,24 +61,3 @@ class Kernel:
         if pack is not None and len(args) != pack.n_user:
             return pack.arity_error(len(args))
         return LaunchArgumentError(f"kernel {self.name!r}: bad launch arguments: {exc}")
-
-
-class DeviceKernel(Kernel):
-    """State shared by the GPU launchers' kernels: module, function, packed parameters with
-    the appended scratch pointers, and the launch geometry read once from the manifest."""
-
-    def __init__(self, launcher: Any, co: Any, module: Any, func: Any,
-                 max_programs: int | None):
-        e = co.entry
-        self.name, self.target, self.entry, self.path = e.name, e.target, e, co.path
-        self.launcher = launcher
-        self.module, self.func = module, func
-        self._init_params(e)
-        self.scratch = Scratch.for_entry(e, max_programs, launcher._alloc, launcher.device_index)
-        self.params.set_appended(scratch_values(e, self.scratch))
-        self._addr = self.params.address
-        self._threads = e.threads_per_block
-        self._shared = e.shared
-        self._stream = launcher._stream_fn
-        self._ok = launcher.SUCCESS
-        self._max_programs = self.scratch.max_programs if self.scratch else None
