@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from vllm_moe_aot import BACKEND_NAME, __version__, info
-from vllm_moe_aot.runtime import cuda_arch
 from vllm_moe_aot.shapes import PRESETS, Scheme
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,9 +103,9 @@ def test_platform_support_follows_the_manifest(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_MOE_AOT_ARTIFACTS", str(tmp_path))
     gpu = torch.device("cuda", 0)
     assert info.platform_info(gpu, *H100).supported
-    a100 = info.platform_info(gpu, "NVIDIA A100", cuda_arch(8, 0))
+    a100 = info.platform_info(gpu, "NVIDIA A100", info.cuda_arch(8, 0))
     assert not a100.supported and "no code objects for sm_80" in a100.note
-    assert cuda_arch(9, 0) == "sm_90a"
+    assert info.cuda_arch(9, 0) == "sm_90a"
     cpu = info.platform_info(torch.device("cpu"), "cpu", info.INTERPRETER_ARCH)
     assert cpu.supported and not cpu.has_gpu
     line = info.summary_line(info.platform_info(gpu, *H100))

@@ -20,7 +20,6 @@ import torch
 
 from vllm_moe_aot import BACKEND_NAME, __version__
 from vllm_moe_aot.integration import CONFIG_DIR_ENV, ENV_VAR  # vLLM-free constants
-from vllm_moe_aot.runtime import gpu_arch
 from vllm_moe_aot.shapes import PRESETS, MoEShape, Preset, Scheme
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -51,6 +50,11 @@ class PlatformInfo:
         return self.device is not None and self.device.type == "cuda"
 
 
+def cuda_arch(major: int, minor: int) -> str:
+    """Build-target name of a CUDA capability: 9.0 is ``sm_90a``, others ``sm_XY``."""
+    return "sm_90a" if (major, minor) == (9, 0) else f"sm_{major}{minor}"
+
+
 def device_identity(device: torch.device) -> tuple[str, str]:
     """``(device name, arch)`` for a GPU, in the names tuned configs are keyed by.
 
@@ -60,7 +64,9 @@ def device_identity(device: torch.device) -> tuple[str, str]:
     if device.type != "cuda":
         return "cpu", INTERPRETER_ARCH
     props = torch.cuda.get_device_properties(device)
-    return props.name, gpu_arch(props, bool(torch.version.hip))
+    if torch.version.hip:
+        return props.name, str(getattr(props, "gcnArchName", "gfx")).split(":")[0]
+    return props.name, cuda_arch(props.major, props.minor)
 
 
 def platform_info(device: torch.device, gpu_name: str, arch: str) -> PlatformInfo:

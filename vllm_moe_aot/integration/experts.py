@@ -44,10 +44,9 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import (
     kFp8StaticTensorSym,
 )
 
-from vllm_moe_aot.info import INTERPRETER_ARCH, PlatformInfo, platform_info
+from vllm_moe_aot.info import INTERPRETER_ARCH, PlatformInfo, cuda_arch, platform_info
 from vllm_moe_aot.integration import get_logger, log_once
 from vllm_moe_aot.integration.metadata import DEFAULT_MAX_TOKENS, STOCK, ExpertMetadata
-from vllm_moe_aot.runtime import cuda_arch
 from vllm_moe_aot.shapes import MoEShape, Scheme, unsupported_reason
 
 logger = get_logger("experts")

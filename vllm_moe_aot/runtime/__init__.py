@@ -47,8 +47,6 @@ __all__ = [
     "SUPPORTED_TARGETS",
     "UnsupportedPlatformError",
     "detect_target",
-    "cuda_arch",
-    "gpu_arch",
 ]
 
 #: GPU targets code objects are built for, with the devices they mean
@@ -86,19 +84,6 @@ def _as_device(device: Any):
     return dev
 
 
-def cuda_arch(major: int, minor: int) -> str:
-    """Build-target name of a CUDA capability: 9.0 is ``sm_90a``, others ``sm_XY``."""
-    return "sm_90a" if (major, minor) == (9, 0) else f"sm_{major}{minor}"
-
-
-def gpu_arch(props: Any, hip: bool) -> str:
-    """Arch name of a device (torch device properties) as the manifest and tuned configs
-    spell it: ``sm_90a`` / ``sm_XY`` on CUDA, the gfx name without feature suffixes on ROCm."""
-    if hip:
-        return str(getattr(props, "gcnArchName", "")).split(":")[0]
-    return cuda_arch(props.major, props.minor)
-
-
 def detect_target(device: Any) -> tuple[Any, str]:
     """(normalised torch.device, target) for ``device``; raises for unsupported devices."""
     import torch
@@ -112,14 +97,20 @@ def detect_target(device: Any) -> tuple[Any, str]:
             f"(Triton interpreter, tests only)"
         )
     props = torch.cuda.get_device_properties(dev.index)
-    hip = bool(getattr(torch.version, "hip", None))
-    arch = gpu_arch(props, hip)
-    if arch in SUPPORTED_TARGETS:
-        return dev, arch
-    kind = "ROCm" if hip else "CUDA"
+    if getattr(torch.version, "hip", None):
+        arch = str(getattr(props, "gcnArchName", "")).split(":")[0]
+        if arch in ("gfx942", "gfx950"):
+            return dev, arch
+        raise UnsupportedPlatformError(
+            f"ROCm device {dev.index} ({props.name}) is {arch or 'an unknown gfx arch'}; code "
+            f"objects exist for {_supported()}"
+        )
+    cc = (props.major, props.minor)
+    if cc == (9, 0):
+        return dev, "sm_90a"
     raise UnsupportedPlatformError(
-        f"{kind} device {dev.index} ({props.name}) is {arch or 'an unknown arch'}; code "
-        f"objects exist for {_supported()}. Use vLLM's stock MoE path on this GPU"
+        f"CUDA device {dev.index} ({props.name}) is sm_{cc[0]}{cc[1]}; code objects exist for "
+        f"{_supported()}. Use vLLM's stock MoE path on this GPU"
     )
 
 
