@@ -72,7 +72,14 @@ class BenchRow:
     label: str  # what the plot calls the line
     us: float | None = None
     stock_us: float | None = None
-    speedup: float | None = None
+    speedup: float | None = None  # over stock
+    torch_us: float | None = None  # the torch grouped-GEMM peer (vllm_moe_aot.torch_peer)
+    best_peer: str | None = None  # the faster of stock and torch at this M
+    best_peer_us: float | None = None
+    speedup_best: float | None = None  # over the best peer
+    host_us: float | None = None  # host µs of one eager call (--host-tokens only)
+    stock_host_us: float | None = None
+    torch_host_us: float | None = None
     floor_us: float | None = None
     weight_floor_us: float | None = None
     flop_floor_us: float | None = None
@@ -95,6 +102,7 @@ class BenchReport:
     bw_bytes_per_s: float | None = None
     fp8_flops_per_s: float | None = None
     stock_provider: str | None = None
+    torch_peer: str | None = None
     dispatch: list = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -111,17 +119,27 @@ def _f(v, spec=".2f", none="-") -> str:
 
 def format_table(report: BenchReport) -> str:
     if report.mode == "gpu":
-        head = (f"{'M':>7} {'variant':<24} {'us':>10} {'stock_us':>10} {'speedup':>8} "
-                f"{'floor_us':>9} {'t/F':>6} {'GB/s':>8} {'TFLOPS':>7} {'experts':>7} "
-                f"{'err':>9} gate")
+        head = (f"{'M':>7} {'variant':<24} {'us':>10} {'stock_us':>10} {'torch_us':>10} "
+                f"{'vs_stock':>8} {'vs_best':>8} {'floor_us':>9} {'t/F':>6} {'GB/s':>8} "
+                f"{'TFLOPS':>7} {'experts':>7} {'err':>9} gate")
         lines = [head, "-" * len(head)]
         for r in report.rows:
             lines.append(
                 f"{r.M:>7} {r.variant[:24]:<24} {_f(r.us):>10} {_f(r.stock_us):>10} "
-                f"{_f(r.speedup, '.2f') + ('x' if r.speedup else ''):>8} {_f(r.floor_us):>9} "
+                f"{_f(r.torch_us):>10} "
+                f"{_f(r.speedup, '.2f') + ('x' if r.speedup else ''):>8} "
+                f"{_f(r.speedup_best, '.2f') + ('x' if r.speedup_best else ''):>8} "
+                f"{_f(r.floor_us):>9} "
                 f"{_f(r.over_floor):>6} {_f(r.gbps, '.0f'):>8} {_f(r.tflops, '.1f'):>7} "
                 f"{_f(r.experts, '.1f'):>7} {_f(r.err, '.2e'):>9} {r.gate}"
                 + (f"  {r.error}" if r.error else ""))
+        hosts = [r for r in report.rows if r.host_us or r.stock_host_us or r.torch_host_us]
+        if hosts:
+            lines += ["", "host µs of one eager call (CPU time in the call, GPU idle at entry):",
+                      f"{'M':>7} {'variant':<24} {'ours':>9} {'stock':>9} {'torch':>9}"]
+            for r in hosts:
+                lines.append(f"{r.M:>7} {r.variant[:24]:<24} {_f(r.host_us, '.1f'):>9} "
+                             f"{_f(r.stock_host_us, '.1f'):>9} {_f(r.torch_host_us, '.1f'):>9}")
         return "\n".join(lines)
     head = f"{'M':>4} {'variant':<32} {'gate':<5} {'rel_fro':>10} {'wall_s':>8}"
     lines = [head, "-" * len(head)]
@@ -147,6 +165,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="'auto' (dispatch table), 'all' (every compiled variant) or names")
     p.add_argument("--config-dir", default=None, help="tuned configs (default: the package's)")
     p.add_argument("--stock", choices=["auto", "vllm", "vllm_stock", "none"], default="auto")
+    p.add_argument("--torch-peer", choices=["auto", "none"], default="auto",
+                   help="also time the torch grouped-GEMM pipeline (torch._scaled_grouped_mm; "
+                        "'auto': where torch has it for this GPU)")
+    p.add_argument("--host-tokens", type=int, nargs="*", default=[1, 8192],
+                   help="token counts at which to also measure the host time of one eager "
+                        "call, ours and the peers' (default: 1 8192; none: skip)")
     p.add_argument("--gate-rows", type=int, default=256,
                    help="tokens checked against the float64 reference per M and variant "
                         "(0: no check)")
@@ -228,7 +252,8 @@ def _argv_from_args(args) -> list[str]:
     argv = ["bench"]
     for flag, val in (("--preset", args.preset), ("--tp", args.tp), ("--shape", args.shape),
                       ("--scheme", args.scheme), ("--config-dir", args.config_dir),
-                      ("--stock", args.stock), ("--gate-rows", args.gate_rows),
+                      ("--stock", args.stock), ("--torch-peer", args.torch_peer),
+                      ("--gate-rows", args.gate_rows),
                       ("--json", args.json), ("--plot", args.plot)):
         if val is not None:
             argv += [flag, str(val)]
@@ -399,6 +424,17 @@ def run_gpu(args, shape: MoEShape, scheme: Scheme, name: str) -> int:
         if stock is None:
             report.skipped.append(f"stock timing: no provider ({describe_probe()})")
     report.stock_provider = stock.name if stock else None
+    peer = None
+    if args.torch_peer != "none":
+        if hasattr(torch, "_scaled_grouped_mm") and info.arch.startswith("sm_90"):
+            from vllm_moe_aot.torch_peer import TorchGroupedMoE
+
+            peer = TorchGroupedMoE(scheme)
+        else:
+            report.skipped.append(f"torch grouped-GEMM peer: torch._scaled_grouped_mm serves "
+                                  f"sm_90 only (this GPU: {info.arch})")
+    report.torch_peer = peer.name if peer else None
+    host_tokens = set(args.host_tokens or ())
     table = DispatchTable.for_layer(shape, scheme, info.name, info.arch, args.config_dir)
     report.dispatch = table.describe()
     if "auto" in args.variant and table.is_empty:
@@ -424,12 +460,13 @@ def run_gpu(args, shape: MoEShape, scheme: Scheme, name: str) -> int:
     for M in tokens:
         torch.cuda.empty_cache()
         rows = _gpu_rows_at(M, shape, scheme, dev, info, bw, peak, moe, stock, avail,
-                            variants_for(M), args.gate_rows)
+                            variants_for(M), args.gate_rows, peer=peer,
+                            host=M in host_tokens)
         for row in rows:
             failures += row.gate == "FAIL" or bool(row.error)
             report.rows.append(row)
             print(f"  M={M:<7} {row.variant:<24} us={_f(row.us)} stock={_f(row.stock_us)} "
-                  f"floor={_f(row.floor_us)} {row.gate}"
+                  f"torch={_f(row.torch_us)} floor={_f(row.floor_us)} {row.gate}"
                   + (f" {row.error}" if row.error else ""), flush=True)
     print()
     print(format_table(report))
@@ -440,12 +477,13 @@ def run_gpu(args, shape: MoEShape, scheme: Scheme, name: str) -> int:
 
 
 def _gpu_rows_at(M, shape, scheme, dev, info, bw, peak, moe, stock, avail, variants,
-                 gate_rows) -> list[BenchRow]:
-    """Gate and time stock and each (variant, label) of ``variants`` at M tokens."""
+                 gate_rows, peer=None, host=False) -> list[BenchRow]:
+    """Gate and time stock, the torch peer and each (variant, label) of ``variants`` at M
+    tokens; with ``host``, also the host time of one eager call of each."""
     import torch
 
     from vllm_moe_aot.reference import gate
-    from vllm_moe_aot.timing import time_graph
+    from vllm_moe_aot.timing import host_time, time_graph
     from vllm_moe_aot.workload import make_problems, rotation_count
 
     sets = rotation_count(shape, M, info.l2_bytes, torch.cuda.mem_get_info(dev)[0])
@@ -479,6 +517,24 @@ def _gpu_rows_at(M, shape, scheme, dev, info, bw, peak, moe, stock, avail, varia
             stock_us = time_graph([(lambda p=p: stock(p)) for p in problems]).us
         except Exception as exc:  # noqa: BLE001
             stock_row.error = f"stock: {type(exc).__name__}: {exc}"
+    torch_us = torch_host = stock_host = None
+    torch_row = BenchRow(M=M, variant="torch_grouped", label="torch grouped-GEMM")
+    if peer is not None:
+        try:
+            calls = [peer.bind(p) for p in problems]
+            check(lambda o: o.copy_(calls[0]()), True, torch_row)
+            torch_us = time_graph(calls).us
+            if host:
+                torch_host = host_time(calls[0])
+        except Exception as exc:  # noqa: BLE001
+            torch_row.error = f"torch peer: {type(exc).__name__}: {exc}"
+        finally:
+            calls = []
+            torch.cuda.empty_cache()
+    if host and stock is not None and stock_us is not None:
+        stock_host = host_time(lambda: stock(problems[0]))
+    peers = {k: v for k, v in (("stock", stock_us), ("torch", torch_us)) if v}
+    best = min(peers, key=peers.get) if peers else None
     rows = []
     for v, label in variants:
         row = BenchRow(M=M, variant=v, label=label)
@@ -496,9 +552,19 @@ def _gpu_rows_at(M, shape, scheme, dev, info, bw, peak, moe, stock, avail, varia
                 row.us = time_graph([
                     (lambda p=p, o=o, v=v: moe.run(v, *p.tensors(), o, **p.act_scales()))
                     for p, o in zip(problems, outs, strict=True)]).us
+                if host:
+                    row.host_us = host_time(
+                        lambda v=v, p=problems[0], o=outs[0]: moe.run(v, *p.tensors(), o,
+                                                                      **p.act_scales()))
             except Exception as exc:  # noqa: BLE001
                 row.error = f"{type(exc).__name__}: {exc}"
         row.stock_us, row.sets, row.experts = stock_us, sets, experts
+        row.torch_us, row.best_peer = torch_us, best
+        row.best_peer_us = peers.get(best) if best else None
+        if host:
+            if v == "stock":
+                row.host_us = stock_host
+            row.stock_host_us, row.torch_host_us = stock_host, torch_host
         row.floor_us, row.weight_floor_us, row.flop_floor_us = (
             fl.floor_us, fl.weight_floor_us, fl.flop_floor_us)
         if row.us:
@@ -507,9 +573,13 @@ def _gpu_rows_at(M, shape, scheme, dev, info, bw, peak, moe, stock, avail, varia
             row.tflops = fl.flops / (row.us * 1e-6) / 1e12
             if stock_us:
                 row.speedup = stock_us / row.us
+            if row.best_peer_us:
+                row.speedup_best = row.best_peer_us / row.us
         rows.append(row)
     if stock is not None and stock_row.error and not any(v == "stock" for v, _ in variants):
         rows.append(stock_row)  # keep the stock failure visible
+    if peer is not None and (torch_row.error or torch_row.gate == "FAIL"):
+        rows.append(torch_row)
     return rows
 
 
@@ -522,12 +592,15 @@ def plot(report: BenchReport, path: str) -> None:
     fig, ax = plt.subplots(figsize=(9, 6))
     by_label: dict[str, list[tuple[int, float]]] = {}
     stock: dict[int, float] = {}
+    peer: dict[int, float] = {}
     floor: dict[int, tuple[float, float, float]] = {}
     for r in report.rows:
         if r.us:
             by_label.setdefault(r.label, []).append((r.M, r.us))
         if r.stock_us:
             stock[r.M] = r.stock_us
+        if r.torch_us:
+            peer[r.M] = r.torch_us
         if r.floor_us:
             floor[r.M] = (r.floor_us, r.weight_floor_us, r.flop_floor_us)
     for label, pts in by_label.items():
@@ -537,6 +610,10 @@ def plot(report: BenchReport, path: str) -> None:
         ms = sorted(stock)
         ax.plot(ms, [stock[m] for m in ms], "s-", color="gray",
                 label=f"stock ({report.stock_provider})")
+    if peer:
+        ms = sorted(peer)
+        ax.plot(ms, [peer[m] for m in ms], "^-", color="tab:olive",
+                label="torch grouped-GEMM (_scaled_grouped_mm)")
     if floor:
         ms = sorted(floor)
         ax.plot(ms, [floor[m][0] for m in ms], "k--", label="floor max(bytes/BW, FLOPs/P)")

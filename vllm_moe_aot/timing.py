@@ -203,3 +203,20 @@ def measure_fp8_flops(n: int = 8192, iters: int = 20,
     torch.cuda.synchronize()
     ms = statistics.median(_events_ms(gemm, iters))
     return 2.0 * n * n * n / (ms * 1e-3)
+
+
+def host_time(fn: Callable[[], object], *, iters: int = 30, warmup: int = 3) -> float:
+    """Median host (CPU) µs of one eager call of ``fn``: the time the caller's thread spends
+    in it, with the GPU idle at each call's start (a sync before, none inside the timed span),
+    as vLLM pays it for batches it runs outside CUDA graphs."""
+    require_gpu("host_time")
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(samples)

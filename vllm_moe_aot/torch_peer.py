@@ -1,0 +1,119 @@
+"""The torch grouped-GEMM peer: the same layer built from stock PyTorch ops only.
+
+What a team without custom kernels would write, and the second baseline the bench times beside
+ours (issue 6's "torch grouped-GEMM pipeline"):
+
+    quantise x (the scheme's q1) -> sort (token, slot) pairs by expert (argsort) -> gather rows
+    -> ``torch._scaled_grouped_mm`` (fp8 x fp8, row-wise scales) for gate/up -> SiLU-and-mul
+    -> q2 -> ``torch._scaled_grouped_mm`` for down -> routing weight -> ``index_add_`` reduce.
+
+It has the reference's quantisation semantics (``reference.reference_moe`` with
+``quantize_activations=True``), allocates per call like ordinary torch code, never synchronises
+on CUDA and is CUDA-graph capturable. ``torch._scaled_grouped_mm`` exists for CUDA sm90 only;
+elsewhere (CPU tests) the two grouped GEMMs run as a per-expert loop of dequantised float32
+matmuls, which checks everything around them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from vllm_moe_aot.shapes import Scheme
+from vllm_moe_aot.workload import MoEProblem
+
+
+def _fp8_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)
+
+
+def _quant_rows(t: torch.Tensor, static_scale: torch.Tensor | None, fp8: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` [R, C] -> (fp8 [R, C], fp32 scale [R]): dynamic per row, or the static scalar."""
+    m = _fp8_max(fp8)
+    if static_scale is not None:
+        scale = static_scale.float().reshape(1).expand(t.shape[0])
+    else:
+        amax = t.abs().amax(dim=-1).float()
+        scale = torch.clamp(amax / m, min=1.0 / (m * 512.0))
+    q = (t.float() / scale[:, None]).clamp(-m, m).to(fp8)
+    return q, scale.contiguous()
+
+
+def _grouped_mm(a: torch.Tensor, b_t: torch.Tensor, scale_a: torch.Tensor,
+                scale_b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """bf16 ``[R, cols]`` = (a * scale_a) @ (b_t * scale_b) per expert group of rows.
+
+    ``a`` fp8 [R, K] sorted by expert, ``b_t`` fp8 [E, K, cols] (a transposed view of the
+    checkpoint's [E, cols, K]), ``scale_b`` fp32 [E, cols], ``offs`` int32 [E] group ends."""
+    if a.is_cuda:
+        return torch._scaled_grouped_mm(a, b_t, scale_a, scale_b, offs=offs,
+                                        out_dtype=torch.bfloat16, use_fast_accum=True)
+    out = torch.empty(a.shape[0], b_t.shape[-1], dtype=torch.bfloat16, device=a.device)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            lhs = a[start:end].float() * scale_a[start:end, None]
+            out[start:end] = (lhs @ (b_t[e].float() * scale_b[e][None, :])).to(torch.bfloat16)
+        start = end
+    return out
+
+
+class TorchGroupedMoE:
+    """The peer for one layer's weights; :meth:`bind` fixes a problem's weights and scales
+    (expanded once to the row-wise form the grouped GEMM takes, as a load-time step would)."""
+
+    name = "torch_grouped"
+
+    def __init__(self, scheme: Scheme | str):
+        self.scheme = Scheme.parse(scheme) if isinstance(scheme, str) else scheme
+
+    def bind(self, problem: MoEProblem) -> Callable[[], torch.Tensor]:
+        x, w13, w2, s13, s2, _tw, _ids = problem.tensors()
+        E, N2, K = w13.shape
+        per_channel = self.scheme.per_channel_weights
+        s13 = (s13.reshape(E, N2) if per_channel else s13.reshape(E, 1).expand(E, N2))
+        s2 = (s2.reshape(E, K) if per_channel else s2.reshape(E, 1).expand(E, K))
+        s13, s2 = s13.float().contiguous(), s2.float().contiguous()
+        static = self.scheme.static_activations
+        a13 = problem.a13_scale if static else None
+        a2 = problem.a2_scale if static else None
+
+        def call(p: MoEProblem = problem) -> torch.Tensor:
+            xx, _w13, _w2, _s13, _s2, tw, ids = p.tensors()
+            return self.forward(xx, w13, w2, s13, s2, tw, ids, a13, a2)
+
+        return call
+
+    def __call__(self, problem: MoEProblem, out: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.bind(problem)()
+        if out is not None:
+            out.copy_(y)
+            return out
+        return y
+
+    def forward(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                s13_rows: torch.Tensor, s2_rows: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor, a13_scale: torch.Tensor | None = None,
+                a2_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """bf16 [M, K]; ``s13_rows`` fp32 [E, 2N], ``s2_rows`` fp32 [E, K]."""
+        fp8 = w13.dtype
+        E, N2, K = w13.shape
+        N = N2 // 2
+        M, topk = topk_ids.shape
+        xq, xs = _quant_rows(x, a13_scale, fp8)
+        flat = topk_ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        tok = torch.div(order, topk, rounding_mode="floor")
+        ends = torch.arange(1, E + 1, device=x.device, dtype=flat.dtype)
+        offs = torch.searchsorted(flat[order].contiguous(), ends, out_int32=True)
+        h = _grouped_mm(xq[tok], w13.transpose(-2, -1), xs[tok], s13_rows, offs)
+        act = torch.nn.functional.silu(h[:, :N].float()) * h[:, N:].float()
+        aq, as_ = _quant_rows(act, a2_scale, fp8)
+        y = _grouped_mm(aq, w2.transpose(-2, -1), as_, s2_rows, offs)
+        # routing weight in place and the top-k sum through the unsorted [M, topk, K] view:
+        # an fp32 copy of y would be 21 GB at 131072 Qwen tokens
+        y.mul_(topk_weights.reshape(-1)[order].to(y.dtype)[:, None])
+        unsorted = torch.empty_like(y).index_copy_(0, order, y)
+        return unsorted.view(M, topk, K).sum(dim=1, dtype=torch.float32).to(torch.bfloat16)
