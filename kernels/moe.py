@@ -27,8 +27,9 @@ import itertools
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kernels.spec import FP8_MAX, FP8_PTR, KernelSpec, PipelineVariant
+from kernels.spec import FP8_MAX, FP8_PTR, ON_CUDA, KernelSpec, PipelineVariant
 
 _SRC = "kernels.moe"
 
@@ -118,7 +119,12 @@ def moe_gemv_stage1(
     x_ptr, w13_ptr, w13_scale_ptr, topk_ids_ptr, act_ptr,
     N, K, topk,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
+    """USE_GDC: let stage 2 (launched with programmatic dependent launch) start as soon as
+    every program of this grid is running, so its launch and weight loads overlap our tail."""
+    if USE_GDC:
+        gdc_launch_dependents()
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     tok = (pair // topk).to(tl.int64)
@@ -157,11 +163,15 @@ def moe_gemv_stage2(
     act_ptr, w2_ptr, w2_scale_ptr, topk_ids_ptr, topk_weights_ptr, out_ptr,
     N, K, topk,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, TOPK_PAD: tl.constexpr,
-    PER_CHANNEL: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """All top-k experts of one token are loaded as one [TOPK_PAD, BLOCK_K, BLOCK_N] tile, so
     every weight byte of the program is in flight at once (a loop over experts would pay the
-    memory latency topk times)."""
+    memory latency topk times).
+
+    USE_GDC (launched with programmatic dependent launch after stage 1): the first weight
+    chunk and the scales, which stage 1 does not write, are loaded before ``gdc_wait``; only
+    the intermediate waits for stage 1 to finish."""
     tok = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1)
     offs_j = tl.arange(0, TOPK_PAD)
@@ -176,17 +186,22 @@ def moe_gemv_stage2(
               + offs_n[None, None, :])
     a_ptrs = act_ptr + pairs[:, None] * N + offs_n[None, :]
     mask_jk = mask_j[:, None, None] & mask_k[None, :, None]
-    acc = tl.zeros([TOPK_PAD, BLOCK_K], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        mask_n = (n0 + offs_n) < N
-        a = tl.load(a_ptrs + n0, mask=mask_j[:, None] & mask_n[None, :], other=0.0)
-        w = tl.load(w_ptrs + n0, mask=mask_jk & mask_n[None, None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * a[:, None, :], axis=2)
+    mask_n = offs_n < N
+    w = tl.load(w_ptrs, mask=mask_jk & mask_n[None, None, :], other=0.0)
     if PER_CHANNEL:
         s = tl.load(w2_scale_ptr + e[:, None] * K + offs_k[None, :],
                     mask=mask_j[:, None] & mask_k[None, :], other=0.0)
     else:
         s = tl.load(w2_scale_ptr + e, mask=mask_j, other=0.0)[:, None]
+    if USE_GDC:
+        gdc_wait()
+    a = tl.load(a_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+    acc = tl.sum(w.to(tl.float32) * a[:, None, :], axis=2)
+    for n0 in range(BLOCK_N, N, BLOCK_N):
+        mask_n = (n0 + offs_n) < N
+        a = tl.load(a_ptrs + n0, mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(w_ptrs + n0, mask=mask_jk & mask_n[None, None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * a[:, None, :], axis=2)
     y = tl.sum(acc * s * rw[:, None], axis=0)
     tl.store(out_ptr + tok * K + offs_k, y.to(out_ptr.dtype.element_ty), mask=mask_k)
 
@@ -405,6 +420,72 @@ def moe_grouped_stage2(
 
 
 @triton.jit
+def moe_grouped_stage2_loop(
+    actq_ptr, act_scale_ptr, a2_static_ptr, w2_ptr, w2_scale_ptr, topk_weights_ptr,
+    sorted_ids_ptr, block_expert_ptr, total_ptr, partial_ptr, acc_ptr,
+    N, K, topk, num_pairs,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_SPLIT: tl.constexpr, PER_CHANNEL: tl.constexpr, STATIC: tl.constexpr,
+    NUM_STAGES: tl.constexpr, FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr,
+):
+    """Stage 2 as a loop: one program per (block of sorted rows, 1/K_SPLIT of the K output
+    columns) walks all its K tiles, so the row block's bookkeeping (pairs, scales, routing
+    weights) is read once and the weight-tile loads of the next tiles are pipelined under the
+    current MMA and store; the one-tile-per-program kernel pays a full load latency per
+    64x128x128 MMA. Same partials and arguments as :func:`moe_grouped_stage2` (acc_ptr unused).
+    """
+    b = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    if b * BLOCK_M >= tl.load(total_ptr):
+        return
+    e = tl.load(block_expert_ptr + b).to(tl.int64)
+    offs_m = b * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    valid = pair < num_pairs
+    if STATIC:
+        row_mult = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0) * \
+            tl.load(a2_static_ptr)
+    else:
+        row_mult = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0) * \
+            tl.load(act_scale_ptr + offs_m, mask=valid, other=0.0)
+    if not PER_CHANNEL:
+        row_mult = row_mult * tl.load(w2_scale_ptr + e)
+    safe = tl.where(valid, pair, 0).to(tl.int64)
+    n_chunks = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_prog = tl.cdiv(k_tiles, K_SPLIT)
+    kt0 = pid_k * per_prog
+    steps = (tl.minimum(kt0 + per_prog, k_tiles) - kt0) * n_chunks
+    offs_r = tl.arange(0, BLOCK_K)
+    offs_c = tl.arange(0, BLOCK_N)
+    a_rows = actq_ptr + offs_m.to(tl.int64)[:, None] * N
+    w_base = w2_ptr + e * K * N
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for it in tl.range(0, steps, num_stages=NUM_STAGES):
+        kt = kt0 + it // n_chunks
+        nc = it % n_chunks
+        offs_k = kt * BLOCK_K + offs_r
+        offs_n = nc * BLOCK_N + offs_c
+        mask_n = offs_n < N
+        a = tl.load(a_rows + offs_n[None, :], mask=valid[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(w_base + offs_k.to(tl.int64)[None, :] * N + offs_n[:, None],
+                    mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
+        if EXACT_CAST:
+            a = _fp8_operand(a, FP8_MAX, EXACT_CAST)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc)
+        if nc == n_chunks - 1:
+            y = acc * row_mult[:, None]
+            if PER_CHANNEL:
+                y = y * tl.load(w2_scale_ptr + e * K + offs_k, mask=offs_k < K,
+                                other=0.0)[None, :]
+            dst = partial_ptr + safe[:, None] * K + offs_k[None, :]
+            tl.store(dst, y.to(partial_ptr.dtype.element_ty),
+                     mask=valid[:, None] & (offs_k < K)[None, :])
+            acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+
+
+@triton.jit
 def moe_topk_reduce(
     partial_ptr, acc_ptr, out_ptr, K, topk,
     BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
@@ -453,7 +534,8 @@ def _gemv_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
                 signature={"x_ptr": "*bf16", "w13_ptr": FP8_PTR, "w13_scale_ptr": "*fp32",
                            "topk_ids_ptr": "*i32", "act_ptr": "*fp32",
                            "N": "i32", "K": "i32", "topk": "i32"},
-                constexprs={"BLOCK_N": bn, "BLOCK_K": bk, "PER_CHANNEL": pc},
+                constexprs={"BLOCK_N": bn, "BLOCK_K": bk, "PER_CHANNEL": pc,
+                            "USE_GDC": ON_CUDA},
                 divisible_by_16=("x_ptr", "w13_ptr", "act_ptr", *_ALIGN16),
                 num_warps=4, num_stages=2))
         for bk, bn in s2_tiles:
@@ -463,7 +545,8 @@ def _gemv_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
                 signature={"act_ptr": "*fp32", "w2_ptr": FP8_PTR, "w2_scale_ptr": "*fp32",
                            "topk_ids_ptr": "*i32", "topk_weights_ptr": "*fp32",
                            "out_ptr": "*bf16", "N": "i32", "K": "i32", "topk": "i32"},
-                constexprs={"BLOCK_K": bk, "BLOCK_N": bn, "TOPK_PAD": 16, "PER_CHANNEL": pc},
+                constexprs={"BLOCK_K": bk, "BLOCK_N": bn, "TOPK_PAD": 16, "PER_CHANNEL": pc,
+                            "USE_GDC": ON_CUDA},
                 divisible_by_16=("act_ptr", "w2_ptr", "out_ptr", *_ALIGN16),
                 num_warps=4, num_stages=2))
     variants = []
@@ -488,15 +571,20 @@ _S1_TILES = {
     "m64n256": (64, 256, 128, 8, 3),
     "m128": (128, 128, 128, 8, 3),
 }
-# (BLOCK_M, stage-2 kind) -> (BLOCK_K out cols, BLOCK_N reduction, warps, stages, atomic)
+# (BLOCK_M, stage-2 kind) -> (BLOCK_K out cols, BLOCK_N reduction, warps, stages, atomic,
+# K_SPLIT): K_SPLIT 0 is one output tile per program (moe_grouped_stage2), else the looped
+# kernel with that many programs per row block (moe_grouped_stage2_loop)
 _S2_TILES = {
-    (16, "std"): (128, 128, 4, 3, False),
-    (64, "std"): (128, 128, 4, 3, False),
-    (128, "std"): (128, 128, 8, 3, False),
-    (64, "atomic"): (128, 128, 4, 3, True),
-    (64, "k256"): (256, 128, 8, 3, False),  # half the programs, twice the work each
-    (128, "k256"): (256, 128, 8, 3, False),
-    (64, "n64"): (128, 64, 4, 3, False),  # no masked half-chunk when N = 192
+    (16, "std"): (128, 128, 4, 3, False, 0),
+    (64, "std"): (128, 128, 4, 3, False, 0),
+    (128, "std"): (128, 128, 8, 3, False, 0),
+    (64, "atomic"): (128, 128, 4, 3, True, 0),
+    (64, "k256"): (256, 128, 8, 3, False, 0),  # half the programs, twice the work each
+    (128, "k256"): (256, 128, 8, 3, False, 0),
+    (64, "n64"): (128, 64, 4, 3, False, 0),  # no masked half-chunk when N = 192
+    (64, "loop1"): (128, 64, 4, 3, False, 1),
+    (64, "loop4"): (128, 64, 4, 3, False, 4),
+    (128, "loop1"): (128, 64, 8, 3, False, 1),
 }
 # variant suffix -> (stage-2 kind, promote fp8 MMA partials per K chunk in stage 1)
 _MODES = {
@@ -505,6 +593,9 @@ _MODES = {
     "_fastacc": ("std", False),
     "_fastacc_k256": ("k256", False),
     "_fastacc_n64": ("n64", False),
+    "_fastacc_loop1": ("loop1", False),
+    "_fastacc_loop4": ("loop4", False),
+    "_loop4": ("loop4", True),
 }
 #: the product gate (vllm_moe_aot.reference.GATE_REL_FRO): what unpromoted fp8 MMA
 #: accumulation over K=4096 is held to, as vLLM's stock kernel is (measured 1.1e-2 to 1.6e-2)
@@ -552,21 +643,28 @@ def _grouped_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
             num_warps=4, num_stages=1))
 
     s2_names: dict[tuple[int, str, str], str] = {}
-    for (bm, kind), (bk, bn, w, s, atomic) in _S2_TILES.items():
+    for (bm, kind), (bk, bn, w, s, atomic, k_split) in _S2_TILES.items():
         for scheme, (pc, static) in SCHEME_FLAGS.items():
             name = f"grp_s2_{_SHORT[scheme]}_m{bm}_k{bk}_n{bn}{'_atomic' if atomic else ''}"
+            consts = {"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "PER_CHANNEL": pc,
+                      "STATIC": static, "ATOMIC": atomic, "FP8_MAX": FP8_MAX,
+                      "EXACT_CAST": False}
+            source = f"{_SRC}:moe_grouped_stage2"
+            if k_split:
+                name = f"grp_s2loop_{_SHORT[scheme]}_m{bm}_k{bk}_n{bn}_split{k_split}"
+                source = f"{_SRC}:moe_grouped_stage2_loop"
+                del consts["ATOMIC"]
+                consts.update(K_SPLIT=k_split, NUM_STAGES=s)
             s2_names[(bm, scheme, kind)] = name
             specs.append(KernelSpec(
-                name=name, source=f"{_SRC}:moe_grouped_stage2", family="grouped_stage2",
+                name=name, source=source, family="grouped_stage2",
                 signature={"actq_ptr": FP8_PTR, "act_scale_ptr": "*fp32",
                            "a2_static_ptr": "*fp32", "w2_ptr": FP8_PTR,
                            "w2_scale_ptr": "*fp32", "topk_weights_ptr": "*fp32",
                            "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32",
                            "total_ptr": "*i32", "partial_ptr": "*bf16", "acc_ptr": "*fp32",
                            "N": "i32", "K": "i32", "topk": "i32", "num_pairs": "i32"},
-                constexprs={"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn,
-                            "PER_CHANNEL": pc, "STATIC": static, "ATOMIC": atomic,
-                            "FP8_MAX": FP8_MAX, "EXACT_CAST": False},
+                constexprs=consts,
                 divisible_by_16=("actq_ptr", "w2_ptr", "partial_ptr", "acc_ptr", *_ALIGN16),
                 num_warps=w, num_stages=s))
 

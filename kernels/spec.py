@@ -48,6 +48,18 @@ class _Fp8Max:
 FP8_MAX = _Fp8Max()
 
 
+class _OnCuda:
+    """Sentinel constexpr value: True on CUDA targets, False on HIP ones. Kernels gate
+    CUDA-only instructions on it (griddepcontrol for programmatic dependent launch); the
+    interpreter launcher forces it False."""
+
+    def __repr__(self) -> str:
+        return "ON_CUDA"
+
+
+ON_CUDA = _OnCuda()
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """One code object per target.
@@ -72,13 +84,16 @@ class KernelSpec:
     @property
     def config(self) -> str:
         """Human-readable variant config string recorded in the manifest and tuned CSVs."""
-        parts = [f"{k}={v}" for k, v in sorted(self.constexprs.items()) if k != "FP8_MAX"]
+        parts = [f"{k}={v}" for k, v in sorted(self.constexprs.items())
+                 if v is not FP8_MAX and v is not ON_CUDA]
         return f"{self.family}:" + ",".join(parts + [f"w{self.num_warps}", f"s{self.num_stages}"])
 
     def resolved(self, target: Target) -> tuple[dict[str, str], dict[str, Any]]:
         """Signature and constexprs with the fp8 placeholders filled in for ``target``."""
         sig = {k: ("*" + target.fp8_type if v == FP8_PTR else v) for k, v in self.signature.items()}
-        consts = {k: (target.fp8_max if v is FP8_MAX else v) for k, v in self.constexprs.items()}
+        consts = {k: (target.fp8_max if v is FP8_MAX else
+                      target.backend == "cuda" if v is ON_CUDA else v)
+                  for k, v in self.constexprs.items()}
         return sig, consts
 
 

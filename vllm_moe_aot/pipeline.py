@@ -181,8 +181,11 @@ class FusedMoE:
         act = self.ws.act
         s1.kernel.launch((M * s.topk, _cdiv(s.N, s1.consts["BLOCK_N"]), 1),
                          x, w13, w13_scale, ids, act, s.N, s.K, s.topk)
+        # programmatic dependent launch where stage 2 waits on stage 1 in-kernel (USE_GDC);
+        # without it the attribute would let stage 2 read the intermediate too early
         s2.kernel.launch((M, _cdiv(s.K, s2.consts["BLOCK_K"]), 1),
-                         act, w2, w2_scale, ids, tw, out, s.N, s.K, s.topk)
+                         act, w2, w2_scale, ids, tw, out, s.N, s.K, s.topk,
+                         pdl=bool(s2.consts.get("USE_GDC")))
 
     def _run_grouped(self, st, x, w13, w2, w13_scale, w2_scale, tw, ids, out, a13, a2):
         M = x.shape[0]
@@ -209,7 +212,9 @@ class FusedMoE:
                          ws.block_expert, ws.total, ws.actq, ws.act_scale,
                          s.N, s.K, s.topk, pairs)
         s2 = st["stage2"]
-        s2.kernel.launch((blocks, _cdiv(s.K, s2.consts["BLOCK_K"]), 1),
+        # the looped stage 2 walks its K tiles itself: K_SPLIT programs per row block
+        s2.kernel.launch((blocks, s2.consts.get("K_SPLIT") or _cdiv(s.K, s2.consts["BLOCK_K"]),
+                          1),
                          ws.actq, ws.act_scale, a2, w2, w2_scale, tw, ws.sorted_ids,
                          ws.block_expert, ws.total, ws.partial, ws.acc, s.N, s.K, s.topk,
                          pairs)

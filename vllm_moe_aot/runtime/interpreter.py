@@ -25,6 +25,8 @@ from vllm_moe_aot.runtime.params import ParamPack
 #: the manifest target whose entries the interpreter follows
 REFERENCE_TARGET = "sm_90a"
 EXACT_CAST = "EXACT_CAST"
+#: constexpr of kernels that use programmatic dependent launch (PTX griddepcontrol)
+USE_GDC = "USE_GDC"
 
 
 def decode_constexpr(v: Any) -> Any:
@@ -94,6 +96,8 @@ class InterpretedKernel(Kernel):
         consts = {k: decode_constexpr(v) for k, v in entry.constexprs.items()}
         if EXACT_CAST in consts:
             consts[EXACT_CAST] = True
+        if USE_GDC in consts:
+            consts[USE_GDC] = False  # griddepcontrol is inline PTX: nothing to interpret
         self.constexprs = consts
         self.params = ParamPack(entry.name, [p.name for p in entry.params],
                                 [p.type for p in entry.params],
