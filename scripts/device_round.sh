@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One device call that does a whole round (the device tool returns at most 8 files, so
+# everything is packed into $OUT/round.tar.gz):
+#   STEPS="check tune profile bench" bash scripts/device_round.sh
+# check: scripts/gpu_check.sh; tune: `vllm-moe-aot tune` for both presets (tuned CSVs and
+# their logs); profile: per-kernel times ($PROFILE_ARGS lines, ';'-separated); bench: `vllm-moe-aot
+# bench` for both presets (JSON, PNG, stdout). Needs carry [".vllm_stock", ".whl"].
+set -u
+OUT=${OUT:-./out}
+W=$(mktemp -d)
+export PYTHONUNBUFFERED=1
+STEPS=${STEPS:-check tune bench}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=".:.vllm_stock${PYTHONPATH:+:$PYTHONPATH}"
+rc=0
+for step in $STEPS; do
+  echo "== $step $(date -u +%H:%M:%S)"
+  case $step in
+    check)
+      mkdir -p "$W/check"; OUT="$W/check" bash scripts/gpu_check.sh > "$W/check/stdout.txt" 2>&1 \
+        || rc=1
+      tail -6 "$W/check/stdout.txt" ;;
+    tune)
+      mkdir -p "$W/tune"
+      for p in qwen3.5-397b-a17b_fp8_ptpc_tp8 hy3_fp8_per_tensor_tp8; do
+        python3 -m vllm_moe_aot.cli tune -i "configs/$p.untuned.csv" -o "$W/tune/$p.tuned.csv" \
+          --timeout 120 --no-progress > "$W/tune/$p.stdout.txt" 2>&1 || rc=1
+        tail -22 "$W/tune/$p.stdout.txt"
+      done ;;
+    profile)
+      mkdir -p "$W/profile"
+      IFS=';' read -ra lines <<< "${PROFILE_ARGS:-}"
+      i=0
+      for a in "${lines[@]}"; do
+        i=$((i + 1))
+        # shellcheck disable=SC2086
+        python3 scripts/profile_pipeline.py $a 2>&1 | tee "$W/profile/p$i.txt" || rc=1
+      done ;;
+    bench)
+      mkdir -p "$W/bench"
+      for p in qwen3.5-397b-a17b hy3; do
+        python3 -m vllm_moe_aot.cli bench --preset "$p" ${BENCH_ARGS:-} \
+          --config-dir "${CONFIG_DIR:-vllm_moe_aot/configs}" \
+          --json "$W/bench/bench_$p.json" --plot "$W/bench/bench_$p.png" \
+          > "$W/bench/bench_$p.txt" 2>&1 || rc=1
+        sed -n '/^ *M variant/,$p' "$W/bench/bench_$p.txt"
+      done ;;
+    *) echo "unknown step $step"; rc=2 ;;
+  esac
+done
+tar -C "$W" -czf "$OUT/round.tar.gz" .
+echo "== done $(date -u +%H:%M:%S) rc=$rc"
+exit $rc
