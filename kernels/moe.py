@@ -24,6 +24,7 @@ All element offsets that can pass 2**31 are computed in int64.
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
 import triton
 import triton.language as tl
@@ -111,6 +112,17 @@ def _row_scale(amax, has_nan, FP8_MAX: tl.constexpr):
     """Dynamic scale from a row's absolute max, floored like vLLM; NaN rows get a NaN scale."""
     s = tl.maximum(amax / FP8_MAX, 1.0 / (FP8_MAX * 512.0))
     return tl.where(has_nan, float("nan"), s)
+
+
+@triton.jit
+def _chain(USE_GDC: tl.constexpr):
+    """Programmatic dependent launch inside a chain of kernels: let the next kernel's programs
+    launch once all of ours run, then wait until the previous kernel has finished and its
+    writes are visible. Everything a kernel reads from its predecessors comes after this; the
+    first kernel of a chain is launched without PDL, so its wait returns at once."""
+    if USE_GDC:
+        gdc_launch_dependents()
+        gdc_wait()
 
 
 # ------------------------------------------------------------------------------ gemv regime
@@ -213,9 +225,11 @@ def moe_prep(
     K, topk,
     BLOCK_K: tl.constexpr, TOPK_PAD: tl.constexpr, STATIC: tl.constexpr,
     ZERO_ACC: tl.constexpr, FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     """Quantise one token row of x to fp8 and count its experts; with ZERO_ACC also clear the
     token's fp32 output accumulator row for the atomic stage 2."""
+    _chain(USE_GDC)
     m = tl.program_id(0).to(tl.int64)
     offs_t = tl.arange(0, TOPK_PAD)
     ids = tl.load(topk_ids_ptr + m * topk + offs_t, mask=offs_t < topk, other=0)
@@ -246,10 +260,11 @@ def moe_prep(
 def moe_align(
     counts_ptr, cursor_ptr, block_expert_ptr, sorted_ids_ptr, total_ptr,
     E, num_pairs,
-    BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, FILL: tl.constexpr,
+    BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, FILL: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """Program e: expert e's padded row range, its blocks in the block -> expert map, its
     scatter cursor, and sentinel fill of its padding rows."""
+    _chain(USE_GDC)
     e = tl.program_id(0)
     offs = tl.arange(0, E_PAD)
     c = tl.load(counts_ptr + offs, mask=offs < E, other=0)
@@ -272,10 +287,11 @@ def moe_align(
 def moe_scatter(
     topk_ids_ptr, cursor_ptr, sorted_ids_ptr, counts_ptr,
     num_pairs, E,
-    BLOCK: tl.constexpr, E_PAD: tl.constexpr,
+    BLOCK: tl.constexpr, E_PAD: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """Sort (token, slot) pairs by expert. Program 0 also re-zeroes the histogram: align has
     consumed it, and the next call's prep needs it zero."""
+    _chain(USE_GDC)
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < num_pairs
@@ -294,7 +310,7 @@ def moe_grouped_stage1(
     N, K, topk, num_pairs,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PER_CHANNEL: tl.constexpr, STATIC: tl.constexpr, PROMOTE: tl.constexpr,
-    FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr,
+    FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """act_q[row] = q2(silu(x W_gate^T) * (x W_up^T)) for one BLOCK_M block of sorted rows.
 
@@ -303,6 +319,7 @@ def moe_grouped_stage1(
     accumulates in reduced precision, and chaining it over K=4096 costs ~4x the error (still
     inside the gate, like vLLM's stock kernel) for ~15% more speed at large M.
     """
+    _chain(USE_GDC)
     b = tl.program_id(0)
     pid_n = tl.program_id(1)
     if b * BLOCK_M >= tl.load(total_ptr):
@@ -372,11 +389,12 @@ def moe_grouped_stage2(
     N, K, topk, num_pairs,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     PER_CHANNEL: tl.constexpr, STATIC: tl.constexpr, ATOMIC: tl.constexpr,
-    FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr,
+    FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """y = w_pair * (act_q[row] W2_e^T)[cols] for one block of sorted rows, written as bf16
     partials per pair, or (ATOMIC) added into the token's fp32 accumulator row: no
     [pairs, K] round trip through memory, at the price of a non-deterministic sum order."""
+    _chain(USE_GDC)
     b = tl.program_id(0)
     pid_k = tl.program_id(1)
     if b * BLOCK_M >= tl.load(total_ptr):
@@ -425,20 +443,25 @@ def moe_grouped_stage2_loop(
     sorted_ids_ptr, block_expert_ptr, total_ptr, partial_ptr, acc_ptr,
     N, K, topk, num_pairs,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    K_SPLIT: tl.constexpr, PER_CHANNEL: tl.constexpr, STATIC: tl.constexpr,
-    NUM_STAGES: tl.constexpr, FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr,
+    K_SPLIT: tl.constexpr, ALIGN_M: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    STATIC: tl.constexpr, NUM_STAGES: tl.constexpr, FP8_MAX: tl.constexpr,
+    EXACT_CAST: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """Stage 2 as a loop: one program per (block of sorted rows, 1/K_SPLIT of the K output
     columns) walks all its K tiles, so the row block's bookkeeping (pairs, scales, routing
     weights) is read once and the weight-tile loads of the next tiles are pipelined under the
     current MMA and store; the one-tile-per-program kernel pays a full load latency per
     64x128x128 MMA. Same partials and arguments as :func:`moe_grouped_stage2` (acc_ptr unused).
+
+    ALIGN_M is the block size rows were sorted and padded to (stage 1's BLOCK_M, a multiple of
+    BLOCK_M): a stage 1 with tall tiles can feed a stage 2 with short ones.
     """
+    _chain(USE_GDC)
     b = tl.program_id(0)
     pid_k = tl.program_id(1)
     if b * BLOCK_M >= tl.load(total_ptr):
         return
-    e = tl.load(block_expert_ptr + b).to(tl.int64)
+    e = tl.load(block_expert_ptr + (b * BLOCK_M) // ALIGN_M).to(tl.int64)
     offs_m = b * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ids_ptr + offs_m)
     valid = pair < num_pairs
@@ -488,9 +511,10 @@ def moe_grouped_stage2_loop(
 @triton.jit
 def moe_topk_reduce(
     partial_ptr, acc_ptr, out_ptr, K, topk,
-    BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """out[tok] = bf16(sum of the token's top-k partials), or of its fp32 accumulator row."""
+    _chain(USE_GDC)
     tok = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = offs < K
@@ -520,16 +544,22 @@ GEMV_MAX_TOKENS = 512
 
 def _gemv_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
     specs: list[KernelSpec] = []
-    # (BLOCK_N, BLOCK_K): 4096 fp32 per accumulator. Wide K tiles keep a program's whole
-    # weight row in flight at once (latency, not bandwidth, limits a single token).
-    s1_tiles = [(1, 4096), (2, 2048), (4, 1024), (8, 512)]
-    # (BLOCK_K out cols, BLOCK_N reduction) with TOPK_PAD=16: 8192 fp32 per acc tile
-    s2_tiles = [(4, 128), (8, 64)]
+    # (BLOCK_N, BLOCK_K, warps): 32 fp32 per thread per accumulator. Wide tiles keep more of a
+    # program's weight rows in flight at once (latency, not bandwidth, limits a few tokens).
+    # (1, 4096) and (2, 2048) never won a token count on the H100 (2026-11-25) and are gone.
+    s1_tiles = [(4, 1024, 4), (8, 512, 4), (4, 2048, 8), (8, 1024, 8)]
+    # (BLOCK_K out cols, BLOCK_N reduction, warps) with TOPK_PAD=16. BLOCK_N >= N puts every
+    # weight byte of the program in flight before it waits for stage 1 (PDL).
+    s2_tiles = [(4, 128, 4), (8, 64, 4), (8, 128, 8), (2, 128, 4)]
+
+    def w(warps: int) -> str:
+        return "" if warps == 4 else f"_w{warps}"
+
     for pc in (False, True):
         tag = "pc" if pc else "pt"
-        for bn, bk in s1_tiles:
+        for bn, bk, nw in s1_tiles:
             specs.append(KernelSpec(
-                name=f"gemv_s1_{tag}_n{bn}_k{bk}", source=f"{_SRC}:moe_gemv_stage1",
+                name=f"gemv_s1_{tag}_n{bn}_k{bk}{w(nw)}", source=f"{_SRC}:moe_gemv_stage1",
                 family="gemv_stage1",
                 signature={"x_ptr": "*bf16", "w13_ptr": FP8_PTR, "w13_scale_ptr": "*fp32",
                            "topk_ids_ptr": "*i32", "act_ptr": "*fp32",
@@ -537,10 +567,10 @@ def _gemv_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
                 constexprs={"BLOCK_N": bn, "BLOCK_K": bk, "PER_CHANNEL": pc,
                             "USE_GDC": ON_CUDA},
                 divisible_by_16=("x_ptr", "w13_ptr", "act_ptr", *_ALIGN16),
-                num_warps=4, num_stages=2))
-        for bk, bn in s2_tiles:
+                num_warps=nw, num_stages=2))
+        for bk, bn, nw in s2_tiles:
             specs.append(KernelSpec(
-                name=f"gemv_s2_{tag}_k{bk}_n{bn}", source=f"{_SRC}:moe_gemv_stage2",
+                name=f"gemv_s2_{tag}_k{bk}_n{bn}{w(nw)}", source=f"{_SRC}:moe_gemv_stage2",
                 family="gemv_stage2",
                 signature={"act_ptr": "*fp32", "w2_ptr": FP8_PTR, "w2_scale_ptr": "*fp32",
                            "topk_ids_ptr": "*i32", "topk_weights_ptr": "*fp32",
@@ -548,17 +578,18 @@ def _gemv_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
                 constexprs={"BLOCK_K": bk, "BLOCK_N": bn, "TOPK_PAD": 16, "PER_CHANNEL": pc,
                             "USE_GDC": ON_CUDA},
                 divisible_by_16=("act_ptr", "w2_ptr", "out_ptr", *_ALIGN16),
-                num_warps=4, num_stages=2))
+                num_warps=nw, num_stages=2))
     variants = []
-    for bn, bk in s1_tiles:
-        for bk2, bn2 in s2_tiles:
+    for bn, bk, nw in s1_tiles:
+        for bk2, bn2, nw2 in s2_tiles:
             kernels = {}
             for scheme, (pc, _static) in SCHEME_FLAGS.items():
                 tag = "pc" if pc else "pt"
-                kernels[scheme] = {"stage1": f"gemv_s1_{tag}_n{bn}_k{bk}",
-                                   "stage2": f"gemv_s2_{tag}_k{bk2}_n{bn2}"}
+                kernels[scheme] = {"stage1": f"gemv_s1_{tag}_n{bn}_k{bk}{w(nw)}",
+                                   "stage2": f"gemv_s2_{tag}_k{bk2}_n{bn2}{w(nw2)}"}
             variants.append(PipelineVariant(
-                name=f"gemv_n{bn}_k{bk}.k{bk2}_n{bn2}", regime="gemv", kernels=kernels,
+                name=f"gemv_n{bn}_k{bk}{w(nw)}.k{bk2}_n{bn2}{w(nw2)}", regime="gemv",
+                kernels=kernels,
                 quantize_activations=False, max_tokens=GEMV_MAX_TOKENS))
     return specs, variants
 
@@ -571,20 +602,35 @@ _S1_TILES = {
     "m64n256": (64, 256, 128, 8, 3),
     "m128": (128, 128, 128, 8, 3),
 }
-# (BLOCK_M, stage-2 kind) -> (BLOCK_K out cols, BLOCK_N reduction, warps, stages, atomic,
-# K_SPLIT): K_SPLIT 0 is one output tile per program (moe_grouped_stage2), else the looped
-# kernel with that many programs per row block (moe_grouped_stage2_loop)
+class _S2(NamedTuple):
+    """A stage-2 tile. ``k_split`` 0: one output tile per program (moe_grouped_stage2); else
+    the looped kernel (moe_grouped_stage2_loop) with that many programs per row block.
+    ``bm`` overrides the stage-2 BLOCK_M (default: stage 1's, which rows are aligned to)."""
+
+    bk: int  # BLOCK_K: output columns per tile
+    bn: int  # BLOCK_N: reduction chunk
+    warps: int
+    stages: int
+    atomic: bool = False
+    k_split: int = 0
+    bm: int | None = None
+
+
+# (stage-1 BLOCK_M, stage-2 kind) -> stage-2 tile
 _S2_TILES = {
-    (16, "std"): (128, 128, 4, 3, False, 0),
-    (64, "std"): (128, 128, 4, 3, False, 0),
-    (128, "std"): (128, 128, 8, 3, False, 0),
-    (64, "atomic"): (128, 128, 4, 3, True, 0),
-    (64, "k256"): (256, 128, 8, 3, False, 0),  # half the programs, twice the work each
-    (128, "k256"): (256, 128, 8, 3, False, 0),
-    (64, "n64"): (128, 64, 4, 3, False, 0),  # no masked half-chunk when N = 192
-    (64, "loop1"): (128, 64, 4, 3, False, 1),
-    (64, "loop4"): (128, 64, 4, 3, False, 4),
-    (128, "loop1"): (128, 64, 8, 3, False, 1),
+    (16, "std"): _S2(128, 128, 4, 3),
+    (64, "std"): _S2(128, 128, 4, 3),
+    (128, "std"): _S2(128, 128, 8, 3),
+    (64, "atomic"): _S2(128, 128, 4, 3, atomic=True),
+    (64, "k256"): _S2(256, 128, 8, 3),  # half the programs, twice the work each
+    (128, "k256"): _S2(256, 128, 8, 3),
+    (64, "n64"): _S2(128, 64, 4, 3),  # no masked half-chunk when N = 192
+    # K_SPLIT=1 measured within 1-2% of 4 (H100, 2026-11-25): only 4 is kept
+    (64, "loop4"): _S2(128, 64, 4, 3, k_split=4),
+    # N = 128 in one MMA chunk (Qwen): no chunk loop, one epilogue per MMA
+    (64, "loop4n128"): _S2(128, 128, 4, 3, k_split=4),
+    # the faster BLOCK_M=128 stage 1 feeding the faster BLOCK_M=64 looped stage 2
+    (128, "loop4m64"): _S2(128, 64, 4, 3, k_split=4, bm=64),
 }
 # variant suffix -> (stage-2 kind, promote fp8 MMA partials per K chunk in stage 1)
 _MODES = {
@@ -593,15 +639,19 @@ _MODES = {
     "_fastacc": ("std", False),
     "_fastacc_k256": ("k256", False),
     "_fastacc_n64": ("n64", False),
-    "_fastacc_loop1": ("loop1", False),
     "_fastacc_loop4": ("loop4", False),
     "_loop4": ("loop4", True),
+    "_fastacc_loop4n128": ("loop4n128", False),
+    "_fastacc_loop4m64": ("loop4m64", False),
 }
 #: the product gate (vllm_moe_aot.reference.GATE_REL_FRO): what unpromoted fp8 MMA
 #: accumulation over K=4096 is held to, as vLLM's stock kernel is (measured 1.1e-2 to 1.6e-2)
 GATE_TOLERANCE = 3e-2
 #: stage-1 tiles also built without per-chunk promotion (the "_fastacc" modes)
-_FASTACC_TILES = ("m64", "m64n64", "m128")
+#: -> the "_fastacc" modes built for the tile (None: all). m64n256 covers Hy3's N=192 with one
+#: gate/up tile (A read once per row block instead of 3x with m64n64)
+_FASTACC_TILES: dict[str, set[str] | None] = {
+    "m64": None, "m64n64": None, "m128": None, "m64n256": {"_fastacc_loop4"}}
 
 
 def _grouped_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
@@ -616,7 +666,8 @@ def _grouped_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
                            "static_scale_ptr": "*fp32", "topk_ids_ptr": "*i32",
                            "counts_ptr": "*i32", "acc_ptr": "*fp32", "K": "i32", "topk": "i32"},
                 constexprs={"BLOCK_K": 1024, "TOPK_PAD": 16, "STATIC": static,
-                            "ZERO_ACC": zero, "FP8_MAX": FP8_MAX, "EXACT_CAST": False},
+                            "ZERO_ACC": zero, "FP8_MAX": FP8_MAX, "EXACT_CAST": False,
+                            "USE_GDC": ON_CUDA},
                 divisible_by_16=("x_ptr", "xq_ptr", "acc_ptr", "K"), num_warps=4,
                 num_stages=1))
     for bm in sorted({bm for bm, _ in _S2_TILES}):
@@ -625,37 +676,40 @@ def _grouped_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
             signature={"counts_ptr": "*i32", "cursor_ptr": "*i32", "block_expert_ptr": "*i32",
                        "sorted_ids_ptr": "*i32", "total_ptr": "*i32", "E": "i32",
                        "num_pairs": "i32"},
-            constexprs={"BLOCK_M": bm, "E_PAD": e_pad, "FILL": 256},
+            constexprs={"BLOCK_M": bm, "E_PAD": e_pad, "FILL": 256, "USE_GDC": ON_CUDA},
             num_warps=4, num_stages=1))
     specs.append(KernelSpec(
         name="scatter", source=f"{_SRC}:moe_scatter", family="scatter",
         signature={"topk_ids_ptr": "*i32", "cursor_ptr": "*i32", "sorted_ids_ptr": "*i32",
                    "counts_ptr": "*i32", "num_pairs": "i32", "E": "i32"},
-        constexprs={"BLOCK": 1024, "E_PAD": e_pad}, num_warps=4, num_stages=1))
+        constexprs={"BLOCK": 1024, "E_PAD": e_pad, "USE_GDC": ON_CUDA}, num_warps=4,
+        num_stages=1))
     for atomic in (False, True):
         specs.append(KernelSpec(
             name="acc_to_out" if atomic else "topk_reduce", source=f"{_SRC}:moe_topk_reduce",
             family="reduce",
             signature={"partial_ptr": "*bf16", "acc_ptr": "*fp32", "out_ptr": "*bf16",
                        "K": "i32", "topk": "i32"},
-            constexprs={"BLOCK_K": 1024, "ATOMIC": atomic},
+            constexprs={"BLOCK_K": 1024, "ATOMIC": atomic, "USE_GDC": ON_CUDA},
             divisible_by_16=("partial_ptr", "acc_ptr", "out_ptr", "K"),
             num_warps=4, num_stages=1))
 
     s2_names: dict[tuple[int, str, str], str] = {}
-    for (bm, kind), (bk, bn, w, s, atomic, k_split) in _S2_TILES.items():
+    for (bm1, kind), (bk, bn, w, s, atomic, k_split, bm2) in _S2_TILES.items():
+        bm = bm2 or bm1
         for scheme, (pc, static) in SCHEME_FLAGS.items():
             name = f"grp_s2_{_SHORT[scheme]}_m{bm}_k{bk}_n{bn}{'_atomic' if atomic else ''}"
             consts = {"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "PER_CHANNEL": pc,
                       "STATIC": static, "ATOMIC": atomic, "FP8_MAX": FP8_MAX,
-                      "EXACT_CAST": False}
+                      "EXACT_CAST": False, "USE_GDC": ON_CUDA}
             source = f"{_SRC}:moe_grouped_stage2"
             if k_split:
-                name = f"grp_s2loop_{_SHORT[scheme]}_m{bm}_k{bk}_n{bn}_split{k_split}"
+                name = f"grp_s2loop_{_SHORT[scheme]}_m{bm}_k{bk}_n{bn}_split{k_split}" + \
+                    (f"_align{bm1}" if bm1 != bm else "")
                 source = f"{_SRC}:moe_grouped_stage2_loop"
                 del consts["ATOMIC"]
-                consts.update(K_SPLIT=k_split, NUM_STAGES=s)
-            s2_names[(bm, scheme, kind)] = name
+                consts.update(K_SPLIT=k_split, ALIGN_M=bm1, NUM_STAGES=s)
+            s2_names[(bm1, scheme, kind)] = name
             specs.append(KernelSpec(
                 name=name, source=source, family="grouped_stage2",
                 signature={"actq_ptr": FP8_PTR, "act_scale_ptr": "*fp32",
@@ -672,7 +726,8 @@ def _grouped_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
     s1_specs: dict[str, KernelSpec] = {}
     for (tag, (bm, bn, bk, w, s)), (suffix, (kind, promote)) in itertools.product(
             _S1_TILES.items(), _MODES.items()):
-        if (bm, kind) not in _S2_TILES or (not promote and tag not in _FASTACC_TILES):
+        if (bm, kind) not in _S2_TILES or (not promote and (
+                tag not in _FASTACC_TILES or suffix not in (_FASTACC_TILES[tag] or {suffix}))):
             continue
         atomic = _S2_TILES[(bm, kind)][4]
         kernels: dict[str, dict[str, str]] = {}
@@ -691,7 +746,7 @@ def _grouped_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
                            "N": "i32", "K": "i32", "topk": "i32", "num_pairs": "i32"},
                 constexprs={"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PER_CHANNEL": pc,
                             "STATIC": static, "PROMOTE": promote, "FP8_MAX": FP8_MAX,
-                            "EXACT_CAST": False},
+                            "EXACT_CAST": False, "USE_GDC": ON_CUDA},
                 divisible_by_16=("xq_ptr", "w13_ptr", "actq_ptr", *_ALIGN16),
                 num_warps=w, num_stages=s))
             kernels[scheme] = _grouped_roles(static, bm, name, s2_names[(bm, scheme, kind)],

@@ -193,13 +193,18 @@ class FusedMoE:
         pairs = M * s.topk
         bm = st["stage1"].consts["BLOCK_M"]
         blocks = _cdiv(pairs + min(pairs, s.E) * (bm - 1), bm)
+        # kernels compiled with USE_GDC wait in-kernel for their predecessor, so each after
+        # the first is launched with programmatic dependent launch (its launch overlaps the
+        # predecessor's tail); prep, first of the chain, is launched plainly
+        pdl = {role: bool(stage.consts.get("USE_GDC")) for role, stage in st.items()}
         st["prep"].kernel.launch((M, 1, 1), x, ws.xq, ws.a_scale, a13, ids, ws.counts,
                                  ws.acc, s.K, s.topk)
         try:
             st["align"].kernel.launch((s.E, 1, 1), ws.counts, ws.cursor, ws.block_expert,
-                                      ws.sorted_ids, ws.total, s.E, pairs)
+                                      ws.sorted_ids, ws.total, s.E, pairs, pdl=pdl["align"])
             st["scatter"].kernel.launch((_cdiv(pairs, st["scatter"].consts["BLOCK"]), 1, 1),
-                                        ids, ws.cursor, ws.sorted_ids, ws.counts, pairs, s.E)
+                                        ids, ws.cursor, ws.sorted_ids, ws.counts, pairs, s.E,
+                                        pdl=pdl["scatter"])
         except BaseException:
             # prep has counted this call's experts and scatter never cleared them: restore
             # the all-zero histogram the next call (of any layer sharing it) relies on
@@ -210,17 +215,17 @@ class FusedMoE:
         s1.kernel.launch((blocks, _cdiv(s.N, s1.consts["BLOCK_N"]), 1),
                          ws.xq, ws.a_scale, a13, w13, w13_scale, a2, ws.sorted_ids,
                          ws.block_expert, ws.total, ws.actq, ws.act_scale,
-                         s.N, s.K, s.topk, pairs)
+                         s.N, s.K, s.topk, pairs, pdl=pdl["stage1"])
         s2 = st["stage2"]
         # the looped stage 2 walks its K tiles itself: K_SPLIT programs per row block
-        s2.kernel.launch((blocks, s2.consts.get("K_SPLIT") or _cdiv(s.K, s2.consts["BLOCK_K"]),
-                          1),
+        s2.kernel.launch((blocks * bm // s2.consts["BLOCK_M"],
+                          s2.consts.get("K_SPLIT") or _cdiv(s.K, s2.consts["BLOCK_K"]), 1),
                          ws.actq, ws.act_scale, a2, w2, w2_scale, tw, ws.sorted_ids,
                          ws.block_expert, ws.total, ws.partial, ws.acc, s.N, s.K, s.topk,
-                         pairs)
+                         pairs, pdl=pdl["stage2"])
         red = st["reduce"]
         red.kernel.launch((M, _cdiv(s.K, red.consts["BLOCK_K"]), 1),
-                          ws.partial, ws.acc, out, s.K, s.topk)
+                          ws.partial, ws.acc, out, s.K, s.topk, pdl=pdl["reduce"])
 
     def _check(self, x, w13, w2, w13_scale, w2_scale, tw, ids, out, a13, a2) -> None:
         """Host-only checks (attribute reads; no device work) that keep bad calls from
