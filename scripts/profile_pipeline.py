@@ -1,5 +1,9 @@
 """Per-kernel time of one pipeline variant (and of the stock path) on the GPU, from
-torch.profiler's CUDA activity trace (CUPTI sees kernels launched through cuda-bindings too).
+torch.profiler's CUDA activity trace (CUPTI sees kernels launched through cuda-bindings too),
+and the whole call's CUDA-graph time with and without programmatic dependent launch.
+
+Kernels are launched without PDL here, so each kernel's time is its own (with PDL a kernel
+starts early and waits in-kernel for its predecessor, which the trace would count as its time).
 
     PYTHONPATH=.:.vllm_stock python3 scripts/profile_pipeline.py --preset hy3 --tokens 16384 \\
         --variants grouped_m64 grouped_m64_fastacc
@@ -20,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from vllm_moe_aot.pipeline import FusedMoE  # noqa: E402
 from vllm_moe_aot.shapes import PRESETS  # noqa: E402
 from vllm_moe_aot.stock import get_stock_provider  # noqa: E402
+from vllm_moe_aot.timing import time_graph  # noqa: E402
 from vllm_moe_aot.workload import make_problem  # noqa: E402
 
 REPS = 5
@@ -49,20 +54,27 @@ def main() -> int:
     ap.add_argument("--no-stock", action="store_true")
     args = ap.parse_args()
     preset = PRESETS[args.preset]
-    moe = FusedMoE(preset.shape, preset.scheme, "cuda", max_tokens=max(args.tokens))
+    moe = FusedMoE(preset.shape, preset.scheme, "cuda", max_tokens=max(args.tokens), pdl=False)
+    moe_pdl = FusedMoE(preset.shape, preset.scheme, "cuda", max_tokens=max(args.tokens))
     stock = None if args.no_stock else get_stock_provider("cuda")
     for M in args.tokens:
         p = make_problem(preset.shape, preset.scheme, M, "cuda", seed=M)
         out = torch.empty(M, preset.shape.K, dtype=torch.bfloat16, device="cuda")
-        runs = {v: (lambda v=v, p=p, out=out: moe.run(
-            v, p.x, p.w13, p.w2, p.w13_scale, p.w2_scale, p.topk_weights, p.topk_ids, out,
-            p.a13_scale, p.a2_scale)) for v in args.variants}
+        def call(m, v, p=p, out=out):
+            return lambda: m.run(v, p.x, p.w13, p.w2, p.w13_scale, p.w2_scale, p.topk_weights,
+                                 p.topk_ids, out, p.a13_scale, p.a2_scale)
+
+        runs = {v: (call(moe, v), call(moe_pdl, v)) for v in args.variants}
         if stock is not None:
-            runs[f"stock ({stock.name})"] = lambda p=p, out=out: stock(p, out=out)
-        for name, fn in runs.items():
+            runs[f"stock ({stock.name})"] = (lambda p=p, out=out: stock(p, out=out), None)
+        for name, (fn, fn_pdl) in runs.items():
             rows = kernel_table(fn)
             total = sum(r[2] for r in rows)
-            print(f"\n{args.preset} M={M} {name}: {total:9.1f} us of kernels per call")
+            graph = f"graph {time_graph([fn]).us:.1f} us"
+            if fn_pdl is not None:
+                graph += f" without PDL, {time_graph([fn_pdl]).us:.1f} us with PDL"
+            print(f"\n{args.preset} M={M} {name}: {total:9.1f} us of kernels per call; "
+                  f"{graph} (one input set, L2 warm)")
             for k, n, us in rows:
                 print(f"  {us:9.1f} us  {100 * us / total:5.1f}%  x{n:<3d} {k}")
     return 0

@@ -186,3 +186,28 @@ def test_failed_launch_leaves_the_histogram_clean(monkeypatch):
     assert int(moe.ws.counts.abs().sum()) == 0
     monkeypatch.undo()
     run_and_check(moe, "grouped_m16", make(SMALL, Scheme.FP8_PTPC, 9, seed=13))
+
+
+@pytest.mark.parametrize("pdl", [True, False])
+@pytest.mark.parametrize("variant", ["grouped_m16", "gemv_n8_k512.k8_n64"])
+def test_pdl_only_after_the_first_kernel_of_a_chain(monkeypatch, variant, pdl):
+    """Programmatic dependent launch is safe only for a kernel that waits in-kernel for its
+    predecessor (USE_GDC) and never for the first kernel of a call; pdl=False turns it off."""
+    moe = FusedMoE(SMALL, Scheme.FP8_PTPC, "cpu", max_tokens=16, pdl=pdl)
+    seen: list[tuple[str, bool]] = []
+    for role, stage in moe._stages[variant].items():
+        real = stage.kernel.launch
+
+        def spy(grid, *args, _role=role, _real=real, pdl=False):
+            seen.append((_role, pdl))
+            return _real(grid, *args, pdl=pdl)
+
+        monkeypatch.setattr(stage.kernel, "launch", spy)
+    run_and_check(moe, variant, make(SMALL, Scheme.FP8_PTPC, 5, seed=14))
+    order = [r for r, _ in seen]
+    first = "prep" if "prep" in order else "stage1"
+    assert order[0] == first and len(seen) == len(moe._stages[variant])
+    for role, flag in seen:
+        gdc = bool(moe._stages[variant][role].consts.get("USE_GDC"))
+        assert flag == (pdl and gdc and role != first), (role, flag)
+    assert any(flag for _, flag in seen) == pdl  # the manifest's sm_90a entries use GDC

@@ -91,11 +91,13 @@ class FusedMoE:
     """One MoE layer shape + scheme on one device; runs any of its compiled variants.
 
     ``runtime`` defaults to the process-wide :class:`vllm_moe_aot.runtime.Runtime` of
-    ``device``; kernel-development tools pass their own (e.g. a Triton-JIT one).
+    ``device``; kernel-development tools pass their own (e.g. a Triton-JIT one). ``pdl=False``
+    launches every kernel plainly (no programmatic dependent launch): the same results, for
+    profiles that want each kernel's own duration and for measuring what PDL saves.
     """
 
     def __init__(self, shape: MoEShape, scheme: Scheme | str, device: torch.device | str,
-                 max_tokens: int = 8192, runtime: Any = None):
+                 max_tokens: int = 8192, runtime: Any = None, pdl: bool = True):
         scheme = Scheme.parse(scheme) if isinstance(scheme, str) else scheme
         reason = unsupported_reason(shape, scheme)
         if reason:
@@ -103,6 +105,7 @@ class FusedMoE:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         self.shape, self.scheme = shape, scheme
+        self.pdl = bool(pdl)
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -185,7 +188,7 @@ class FusedMoE:
         # without it the attribute would let stage 2 read the intermediate too early
         s2.kernel.launch((M, _cdiv(s.K, s2.consts["BLOCK_K"]), 1),
                          act, w2, w2_scale, ids, tw, out, s.N, s.K, s.topk,
-                         pdl=bool(s2.consts.get("USE_GDC")))
+                         pdl=self.pdl and bool(s2.consts.get("USE_GDC")))
 
     def _run_grouped(self, st, x, w13, w2, w13_scale, w2_scale, tw, ids, out, a13, a2):
         M = x.shape[0]
@@ -196,7 +199,8 @@ class FusedMoE:
         # kernels compiled with USE_GDC wait in-kernel for their predecessor, so each after
         # the first is launched with programmatic dependent launch (its launch overlaps the
         # predecessor's tail); prep, first of the chain, is launched plainly
-        pdl = {role: bool(stage.consts.get("USE_GDC")) for role, stage in st.items()}
+        pdl = {role: self.pdl and bool(stage.consts.get("USE_GDC"))
+               for role, stage in st.items()}
         st["prep"].kernel.launch((M, 1, 1), x, ws.xq, ws.a_scale, a13, ids, ws.counts,
                                  ws.acc, s.K, s.topk)
         try:
