@@ -171,6 +171,53 @@ def moe_gemv_stage1(
 
 
 @triton.jit
+def moe_gemv_stage1_wide(
+    x_ptr, w13_ptr, w13_scale_ptr, topk_ids_ptr, act_ptr,
+    N, K, topk,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, USE_GDC: tl.constexpr,
+):
+    """:func:`moe_gemv_stage1` with a 3-D weight tile [BLOCK_N, BLOCK_K // VEC, VEC] whose
+    VEC contiguous bytes (one 16-byte load) are summed inside the thread first: the running
+    sums take VEC times fewer registers than a [BLOCK_N, BLOCK_K] fp32 accumulator, so a
+    program can keep a whole 4 KB weight row per gate/up row in flight (more bytes in flight
+    per SM is what a few tokens need to approach HBM bandwidth)."""
+    if USE_GDC:
+        gdc_launch_dependents()
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    tok = (pair // topk).to(tl.int64)
+    e = tl.load(topk_ids_ptr + pair).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    kk = tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    g_ptrs = w13_ptr + e * 2 * N * K + offs_n.to(tl.int64)[:, None, None] * K + kk[None, :, :]
+    u_ptrs = g_ptrs + N * K
+    x_ptrs = x_ptr + tok * K + kk
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + kk) < K
+        xk = tl.load(x_ptrs + k0, mask=mask_k, other=0.0).to(tl.float32)
+        wmask = mask_n[:, None, None] & mask_k[None, :, :]
+        wg = tl.load(g_ptrs + k0, mask=wmask, other=0.0).to(tl.float32)
+        wu = tl.load(u_ptrs + k0, mask=wmask, other=0.0).to(tl.float32)
+        acc_g += tl.sum(wg * xk[None, :, :], axis=2)
+        acc_u += tl.sum(wu * xk[None, :, :], axis=2)
+    g = tl.sum(acc_g, axis=1)
+    u = tl.sum(acc_u, axis=1)
+    if PER_CHANNEL:
+        srow = w13_scale_ptr + e * 2 * N
+        g = g * tl.load(srow + offs_n, mask=mask_n, other=0.0)
+        u = u * tl.load(srow + N + offs_n, mask=mask_n, other=0.0)
+    else:
+        s = tl.load(w13_scale_ptr + e)
+        g = g * s
+        u = u * s
+    tl.store(act_ptr + pair.to(tl.int64) * N + offs_n, _silu_mul(g, u), mask=mask_n)
+
+
+@triton.jit
 def moe_gemv_stage2(
     act_ptr, w2_ptr, w2_scale_ptr, topk_ids_ptr, topk_weights_ptr, out_ptr,
     N, K, topk,
@@ -214,6 +261,50 @@ def moe_gemv_stage2(
         a = tl.load(a_ptrs + n0, mask=mask_j[:, None] & mask_n[None, :], other=0.0)
         w = tl.load(w_ptrs + n0, mask=mask_jk & mask_n[None, None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * a[:, None, :], axis=2)
+    y = tl.sum(acc * s * rw[:, None], axis=0)
+    tl.store(out_ptr + tok * K + offs_k, y.to(out_ptr.dtype.element_ty), mask=mask_k)
+
+
+@triton.jit
+def moe_gemv_stage2_wide(
+    act_ptr, w2_ptr, w2_scale_ptr, topk_ids_ptr, topk_weights_ptr, out_ptr,
+    N, K, topk,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, TOPK_PAD: tl.constexpr, VEC: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, USE_GDC: tl.constexpr,
+):
+    """:func:`moe_gemv_stage2` with the reduction dimension split as [BLOCK_N // VEC, VEC]:
+    each thread first sums the VEC values of its own 16-byte load, so fewer values cross
+    threads (fewer shared-memory round trips and barriers per program)."""
+    tok = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1)
+    offs_j = tl.arange(0, TOPK_PAD)
+    mask_j = offs_j < topk
+    pairs = tok * topk + offs_j
+    e = tl.load(topk_ids_ptr + pairs, mask=mask_j, other=0).to(tl.int64)
+    rw = tl.load(topk_weights_ptr + pairs, mask=mask_j, other=0.0)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    nn = tl.arange(0, BLOCK_N // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    w_ptrs = (w2_ptr + e[:, None, None, None] * K * N
+              + offs_k.to(tl.int64)[None, :, None, None] * N + nn[None, None, :, :])
+    a_ptrs = act_ptr + pairs[:, None, None] * N + nn[None, :, :]
+    mask_jk = mask_j[:, None, None, None] & mask_k[None, :, None, None]
+    mask_n = nn < N
+    w = tl.load(w_ptrs, mask=mask_jk & mask_n[None, None, :, :], other=0.0)
+    if PER_CHANNEL:
+        s = tl.load(w2_scale_ptr + e[:, None] * K + offs_k[None, :],
+                    mask=mask_j[:, None] & mask_k[None, :], other=0.0)
+    else:
+        s = tl.load(w2_scale_ptr + e, mask=mask_j, other=0.0)[:, None]
+    if USE_GDC:
+        gdc_wait()
+    a = tl.load(a_ptrs, mask=mask_j[:, None, None] & mask_n[None, :, :], other=0.0)
+    acc = tl.sum(tl.sum(w.to(tl.float32) * a[:, None, :, :], axis=3), axis=2)
+    for n0 in range(BLOCK_N, N, BLOCK_N):
+        mask_n = (n0 + nn) < N
+        a = tl.load(a_ptrs + n0, mask=mask_j[:, None, None] & mask_n[None, :, :], other=0.0)
+        w = tl.load(w_ptrs + n0, mask=mask_jk & mask_n[None, None, :, :], other=0.0)
+        acc += tl.sum(tl.sum(w.to(tl.float32) * a[:, None, :, :], axis=3), axis=2)
     y = tl.sum(acc * s * rw[:, None], axis=0)
     tl.store(out_ptr + tok * K + offs_k, y.to(out_ptr.dtype.element_ty), mask=mask_k)
 
@@ -544,52 +635,65 @@ GEMV_MAX_TOKENS = 512
 
 def _gemv_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
     specs: list[KernelSpec] = []
-    # (BLOCK_N, BLOCK_K, warps): 32 fp32 per thread per accumulator. Wide tiles keep more of a
-    # program's weight rows in flight at once (latency, not bandwidth, limits a few tokens).
-    # (1, 4096) and (2, 2048) never won a token count on the H100 (2026-11-25) and are gone.
-    s1_tiles = [(4, 1024, 4), (8, 512, 4), (4, 2048, 8), (8, 1024, 8)]
-    # (BLOCK_K out cols, BLOCK_N reduction, warps) with TOPK_PAD=16. BLOCK_N >= N puts every
-    # weight byte of the program in flight before it waits for stage 1 (PDL).
-    s2_tiles = [(4, 128, 4), (8, 64, 4), (8, 128, 8), (2, 128, 4)]
+    # stage 1: (wide, BLOCK_N, BLOCK_K, warps). Plain tiles hold a [BLOCK_N, BLOCK_K] fp32
+    # accumulator per matrix (~120 registers at 4096 elements); "wide" tiles (VEC=16 summed
+    # in-thread first) keep 2-4x more weight bytes in flight per SM at 48-80 registers.
+    # (1, 4096), (2, 2048), (4, 2048, w8), (8, 1024, w8) plain never won a token count on the
+    # H100 (2026-11-25) and are gone.
+    s1_tiles = [(False, 4, 1024, 4), (False, 8, 512, 4), (True, 1, 4096, 4), (True, 2, 4096, 4),
+                (True, 4, 4096, 8), (True, 4, 2048, 4)]
+    # stage 2: (wide, BLOCK_K out cols, BLOCK_N reduction, TOPK_PAD, warps). BLOCK_N >= N puts
+    # every weight byte of the program in flight before it waits for stage 1 (PDL). TOPK_PAD 8
+    # serves topk <= 8 only (the pipeline skips it otherwise) with half the registers.
+    s2_tiles = [(False, 4, 128, 16, 4), (False, 8, 64, 16, 4), (True, 4, 128, 16, 4),
+                (True, 16, 128, 8, 8)]
 
-    def w(warps: int) -> str:
-        return "" if warps == 4 else f"_w{warps}"
+    def s1_name(tag: str, wide: bool, bn: int, bk: int, nw: int) -> str:
+        return (f"gemv_s1{'w' if wide else ''}_{tag}_n{bn}_k{bk}"
+                + ("" if nw == 4 else f"_w{nw}"))
+
+    def s2_name(tag: str, wide: bool, bk: int, bn: int, tp: int, nw: int) -> str:
+        return (f"gemv_s2{'w' if wide else ''}_{tag}_k{bk}_n{bn}"
+                + ("" if tp == 16 else f"_t{tp}") + ("" if nw == 4 else f"_w{nw}"))
 
     for pc in (False, True):
         tag = "pc" if pc else "pt"
-        for bn, bk, nw in s1_tiles:
+        for wide, bn, bk, nw in s1_tiles:
             specs.append(KernelSpec(
-                name=f"gemv_s1_{tag}_n{bn}_k{bk}{w(nw)}", source=f"{_SRC}:moe_gemv_stage1",
+                name=s1_name(tag, wide, bn, bk, nw),
+                source=f"{_SRC}:moe_gemv_stage1{'_wide' if wide else ''}",
                 family="gemv_stage1",
                 signature={"x_ptr": "*bf16", "w13_ptr": FP8_PTR, "w13_scale_ptr": "*fp32",
                            "topk_ids_ptr": "*i32", "act_ptr": "*fp32",
                            "N": "i32", "K": "i32", "topk": "i32"},
-                constexprs={"BLOCK_N": bn, "BLOCK_K": bk, "PER_CHANNEL": pc,
-                            "USE_GDC": ON_CUDA},
+                constexprs={"BLOCK_N": bn, "BLOCK_K": bk, **({"VEC": 16} if wide else {}),
+                            "PER_CHANNEL": pc, "USE_GDC": ON_CUDA},
                 divisible_by_16=("x_ptr", "w13_ptr", "act_ptr", *_ALIGN16),
                 num_warps=nw, num_stages=2))
-        for bk, bn, nw in s2_tiles:
+        for wide, bk, bn, tp, nw in s2_tiles:
             specs.append(KernelSpec(
-                name=f"gemv_s2_{tag}_k{bk}_n{bn}{w(nw)}", source=f"{_SRC}:moe_gemv_stage2",
+                name=s2_name(tag, wide, bk, bn, tp, nw),
+                source=f"{_SRC}:moe_gemv_stage2{'_wide' if wide else ''}",
                 family="gemv_stage2",
                 signature={"act_ptr": "*fp32", "w2_ptr": FP8_PTR, "w2_scale_ptr": "*fp32",
                            "topk_ids_ptr": "*i32", "topk_weights_ptr": "*fp32",
                            "out_ptr": "*bf16", "N": "i32", "K": "i32", "topk": "i32"},
-                constexprs={"BLOCK_K": bk, "BLOCK_N": bn, "TOPK_PAD": 16, "PER_CHANNEL": pc,
+                constexprs={"BLOCK_K": bk, "BLOCK_N": bn, "TOPK_PAD": tp,
+                            **({"VEC": 16} if wide else {}), "PER_CHANNEL": pc,
                             "USE_GDC": ON_CUDA},
                 divisible_by_16=("act_ptr", "w2_ptr", "out_ptr", *_ALIGN16),
                 num_warps=nw, num_stages=2))
     variants = []
-    for bn, bk, nw in s1_tiles:
-        for bk2, bn2, nw2 in s2_tiles:
+    for t1 in s1_tiles:
+        for t2 in s2_tiles:
             kernels = {}
             for scheme, (pc, _static) in SCHEME_FLAGS.items():
                 tag = "pc" if pc else "pt"
-                kernels[scheme] = {"stage1": f"gemv_s1_{tag}_n{bn}_k{bk}{w(nw)}",
-                                   "stage2": f"gemv_s2_{tag}_k{bk2}_n{bn2}{w(nw2)}"}
+                kernels[scheme] = {"stage1": s1_name(tag, *t1), "stage2": s2_name(tag, *t2)}
+            v1 = s1_name("x", *t1).replace("gemv_s1", "").replace("_x_", "")
+            v2 = s2_name("x", *t2).replace("gemv_s2", "").replace("_x_", "")
             variants.append(PipelineVariant(
-                name=f"gemv_n{bn}_k{bk}{w(nw)}.k{bk2}_n{bn2}{w(nw2)}", regime="gemv",
-                kernels=kernels,
+                name=f"gemv_{v1}.{v2}", regime="gemv", kernels=kernels,
                 quantize_activations=False, max_tokens=GEMV_MAX_TOKENS))
     return specs, variants
 

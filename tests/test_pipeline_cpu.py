@@ -77,7 +77,7 @@ def test_topk_one_and_non_power_of_two_n():
         moe = FusedMoE(shape, scheme, "cpu", max_tokens=16)
         p = make(shape, scheme, 7, seed=4)
         for v in moe.variants:
-            wide = ("gemv_n4_k2048_w8.k8_n128_w8",)  # stage-1 BLOCK_K and stage-2 BLOCK_N > K, N
+            wide = ("gemv_wn4_k4096_w8.wk4_n128",)  # stage-1 BLOCK_K and stage-2 BLOCK_N > K, N
             if moe.regime(v) == "grouped" or v in (_first(moe, "gemv"), *wide):
                 run_and_check(moe, v, p)
 
@@ -211,3 +211,14 @@ def test_pdl_only_after_the_first_kernel_of_a_chain(monkeypatch, variant, pdl):
         gdc = bool(moe._stages[variant][role].consts.get("USE_GDC"))
         assert flag == (pdl and gdc and role != first), (role, flag)
     assert any(flag for _, flag in seen) == pdl  # the manifest's sm_90a entries use GDC
+
+
+def test_topk_pad_bounds_the_variants():
+    """A gemv stage 2 that holds TOPK_PAD slots per token must not serve a larger topk (it
+    would drop experts silently); it does serve smaller ones."""
+    small = FusedMoE(MoEShape(E=16, K=128, N=32, topk=8), Scheme.FP8_PTPC, "cpu", max_tokens=4)
+    large = FusedMoE(MoEShape(E=16, K=128, N=32, topk=10), Scheme.FP8_PTPC, "cpu", max_tokens=4)
+    t8 = [v for v in small.variants if v.endswith("_t8_w8")]
+    assert t8 and not set(t8) & set(large.variants)
+    p = make(MoEShape(E=16, K=128, N=32, topk=8), Scheme.FP8_PTPC, 3, seed=15)
+    run_and_check(small, t8[0], p)

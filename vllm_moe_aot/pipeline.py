@@ -121,6 +121,11 @@ class FusedMoE:
             kernels = v["kernels"].get(scheme.value)
             if kernels is None or shape.N > v.get("max_n", {}).get(scheme.value, shape.N):
                 continue
+            # a kernel that holds top-k slots in a TOPK_PAD-wide tile serves topk <= TOPK_PAD
+            pads = [self.runtime.manifest.constexprs(k).get("TOPK_PAD", shape.topk)
+                    for k in kernels.values()]
+            if shape.topk > min(pads):
+                continue
             self._variants[v["name"]] = v
             self._stages[v["name"]] = {
                 role: _Stage(self.runtime.kernel(k), self.runtime.manifest.constexprs(k))
