@@ -171,53 +171,6 @@ def moe_gemv_stage1(
 
 
 @triton.jit
-def moe_gemv_stage1_wide(
-    x_ptr, w13_ptr, w13_scale_ptr, topk_ids_ptr, act_ptr,
-    N, K, topk,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
-    PER_CHANNEL: tl.constexpr, USE_GDC: tl.constexpr,
-):
-    """:func:`moe_gemv_stage1` with a 3-D weight tile [BLOCK_N, BLOCK_K // VEC, VEC] whose
-    VEC contiguous bytes (one 16-byte load) are summed inside the thread first: the running
-    sums take VEC times fewer registers than a [BLOCK_N, BLOCK_K] fp32 accumulator, so a
-    program can keep a whole 4 KB weight row per gate/up row in flight (more bytes in flight
-    per SM is what a few tokens need to approach HBM bandwidth)."""
-    if USE_GDC:
-        gdc_launch_dependents()
-    pair = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    tok = (pair // topk).to(tl.int64)
-    e = tl.load(topk_ids_ptr + pair).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    kk = tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-    g_ptrs = w13_ptr + e * 2 * N * K + offs_n.to(tl.int64)[:, None, None] * K + kk[None, :, :]
-    u_ptrs = g_ptrs + N * K
-    x_ptrs = x_ptr + tok * K + kk
-    acc_g = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + kk) < K
-        xk = tl.load(x_ptrs + k0, mask=mask_k, other=0.0).to(tl.float32)
-        wmask = mask_n[:, None, None] & mask_k[None, :, :]
-        wg = tl.load(g_ptrs + k0, mask=wmask, other=0.0).to(tl.float32)
-        wu = tl.load(u_ptrs + k0, mask=wmask, other=0.0).to(tl.float32)
-        acc_g += tl.sum(wg * xk[None, :, :], axis=2)
-        acc_u += tl.sum(wu * xk[None, :, :], axis=2)
-    g = tl.sum(acc_g, axis=1)
-    u = tl.sum(acc_u, axis=1)
-    if PER_CHANNEL:
-        srow = w13_scale_ptr + e * 2 * N
-        g = g * tl.load(srow + offs_n, mask=mask_n, other=0.0)
-        u = u * tl.load(srow + N + offs_n, mask=mask_n, other=0.0)
-    else:
-        s = tl.load(w13_scale_ptr + e)
-        g = g * s
-        u = u * s
-    tl.store(act_ptr + pair.to(tl.int64) * N + offs_n, _silu_mul(g, u), mask=mask_n)
-
-
-@triton.jit
 def moe_gemv_stage2(
     act_ptr, w2_ptr, w2_scale_ptr, topk_ids_ptr, topk_weights_ptr, out_ptr,
     N, K, topk,
@@ -600,6 +553,64 @@ def moe_grouped_stage2_loop(
 
 
 @triton.jit
+def moe_grouped_stage2_resident(
+    actq_ptr, act_scale_ptr, a2_static_ptr, w2_ptr, w2_scale_ptr, topk_weights_ptr,
+    sorted_ids_ptr, block_expert_ptr, total_ptr, partial_ptr, acc_ptr,
+    N, K, topk, num_pairs,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_SPLIT: tl.constexpr, ALIGN_M: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    STATIC: tl.constexpr, NUM_STAGES: tl.constexpr, FP8_MAX: tl.constexpr,
+    EXACT_CAST: tl.constexpr, USE_GDC: tl.constexpr,
+):
+    """:func:`moe_grouped_stage2_loop` for N <= BLOCK_N: the row block's whole [BLOCK_M, N]
+    intermediate is loaded once and stays on chip while the program walks its K tiles, so
+    each step loads only a weight tile (the looped kernel re-reads the A chunks from L1/L2
+    at every K tile: 64 x N bytes per 64 x 128 output tile)."""
+    _chain(USE_GDC)
+    b = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    if b * BLOCK_M >= tl.load(total_ptr):
+        return
+    e = tl.load(block_expert_ptr + (b * BLOCK_M) // ALIGN_M).to(tl.int64)
+    offs_m = b * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    valid = pair < num_pairs
+    if STATIC:
+        row_mult = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0) * \
+            tl.load(a2_static_ptr)
+    else:
+        row_mult = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0) * \
+            tl.load(act_scale_ptr + offs_m, mask=valid, other=0.0)
+    if not PER_CHANNEL:
+        row_mult = row_mult * tl.load(w2_scale_ptr + e)
+    safe = tl.where(valid, pair, 0).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    a = tl.load(actq_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :],
+                mask=valid[:, None] & mask_n[None, :], other=0.0)
+    if EXACT_CAST:
+        a = _fp8_operand(a, FP8_MAX, EXACT_CAST)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_prog = tl.cdiv(k_tiles, K_SPLIT)
+    kt0 = pid_k * per_prog
+    kt1 = tl.minimum(kt0 + per_prog, k_tiles)
+    offs_r = tl.arange(0, BLOCK_K)
+    w_base = w2_ptr + e * K * N + offs_n[:, None]
+    for kt in tl.range(kt0, kt1, num_stages=NUM_STAGES):
+        offs_k = kt * BLOCK_K + offs_r
+        mask_k = offs_k < K
+        w = tl.load(w_base + offs_k.to(tl.int64)[None, :] * N,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if EXACT_CAST:
+            w = w.to(tl.float32)
+        y = tl.dot(a, w) * row_mult[:, None]
+        if PER_CHANNEL:
+            y = y * tl.load(w2_scale_ptr + e * K + offs_k, mask=mask_k, other=0.0)[None, :]
+        tl.store(partial_ptr + safe[:, None] * K + offs_k[None, :],
+                 y.to(partial_ptr.dtype.element_ty), mask=valid[:, None] & mask_k[None, :])
+
+
+@triton.jit
 def moe_topk_reduce(
     partial_ptr, acc_ptr, out_ptr, K, topk,
     BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, USE_GDC: tl.constexpr,
@@ -635,21 +646,18 @@ GEMV_MAX_TOKENS = 512
 
 def _gemv_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
     specs: list[KernelSpec] = []
-    # stage 1: (wide, BLOCK_N, BLOCK_K, warps). Plain tiles hold a [BLOCK_N, BLOCK_K] fp32
-    # accumulator per matrix (~120 registers at 4096 elements); "wide" tiles (VEC=16 summed
-    # in-thread first) keep 2-4x more weight bytes in flight per SM at 48-80 registers.
-    # (1, 4096), (2, 2048), (4, 2048, w8), (8, 1024, w8) plain never won a token count on the
-    # H100 (2026-11-25) and are gone.
-    s1_tiles = [(False, 4, 1024, 4), (False, 8, 512, 4), (True, 1, 4096, 4), (True, 2, 4096, 4),
-                (True, 4, 4096, 8), (True, 4, 2048, 4)]
-    # stage 2: (wide, BLOCK_K out cols, BLOCK_N reduction, TOPK_PAD, warps). BLOCK_N >= N puts
-    # every weight byte of the program in flight before it waits for stage 1 (PDL). TOPK_PAD 8
-    # serves topk <= 8 only (the pipeline skips it otherwise) with half the registers.
-    s2_tiles = [(False, 4, 128, 16, 4), (False, 8, 64, 16, 4), (True, 4, 128, 16, 4),
-                (True, 16, 128, 8, 8)]
+    # stage 1: (BLOCK_N, BLOCK_K, warps); a [BLOCK_N, BLOCK_K] fp32 accumulator per
+    # matrix. Tiles (1, 4096), (2, 2048), (4, 2048, w8), (8, 1024, w8) and a "wide" stage 1
+    # (VEC=16 bytes summed in-thread: 48-80 registers, 2-4x the bytes in flight per SM) never
+    # won a token count on the H100 (2026-11-25, docs/perf-notes.md) and are gone.
+    s1_tiles = [(4, 1024, 4), (8, 512, 4)]
+    # stage 2: (wide, BLOCK_K out cols, BLOCK_N reduction, TOPK_PAD, warps). TOPK_PAD 8 serves
+    # topk <= 8 only (the pipeline skips it otherwise) with half the registers: it wins every
+    # gemv token count of Hy3 (topk=8).
+    s2_tiles = [(False, 4, 128, 16, 4), (False, 8, 64, 16, 4), (True, 16, 128, 8, 8)]
 
-    def s1_name(tag: str, wide: bool, bn: int, bk: int, nw: int) -> str:
-        return (f"gemv_s1{'w' if wide else ''}_{tag}_n{bn}_k{bk}"
+    def s1_name(tag: str, bn: int, bk: int, nw: int) -> str:
+        return (f"gemv_s1_{tag}_n{bn}_k{bk}"
                 + ("" if nw == 4 else f"_w{nw}"))
 
     def s2_name(tag: str, wide: bool, bk: int, bn: int, tp: int, nw: int) -> str:
@@ -658,16 +666,16 @@ def _gemv_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
 
     for pc in (False, True):
         tag = "pc" if pc else "pt"
-        for wide, bn, bk, nw in s1_tiles:
+        for bn, bk, nw in s1_tiles:
             specs.append(KernelSpec(
-                name=s1_name(tag, wide, bn, bk, nw),
-                source=f"{_SRC}:moe_gemv_stage1{'_wide' if wide else ''}",
+                name=s1_name(tag, bn, bk, nw),
+                source=f"{_SRC}:moe_gemv_stage1",
                 family="gemv_stage1",
                 signature={"x_ptr": "*bf16", "w13_ptr": FP8_PTR, "w13_scale_ptr": "*fp32",
                            "topk_ids_ptr": "*i32", "act_ptr": "*fp32",
                            "N": "i32", "K": "i32", "topk": "i32"},
-                constexprs={"BLOCK_N": bn, "BLOCK_K": bk, **({"VEC": 16} if wide else {}),
-                            "PER_CHANNEL": pc, "USE_GDC": ON_CUDA},
+                constexprs={"BLOCK_N": bn, "BLOCK_K": bk, "PER_CHANNEL": pc,
+                            "USE_GDC": ON_CUDA},
                 divisible_by_16=("x_ptr", "w13_ptr", "act_ptr", *_ALIGN16),
                 num_warps=nw, num_stages=2))
         for wide, bk, bn, tp, nw in s2_tiles:
@@ -718,6 +726,7 @@ class _S2(NamedTuple):
     atomic: bool = False
     k_split: int = 0
     bm: int | None = None
+    resident: bool = False  # moe_grouped_stage2_resident: needs N <= bn
 
 
 # (stage-1 BLOCK_M, stage-2 kind) -> stage-2 tile
@@ -735,6 +744,10 @@ _S2_TILES = {
     (64, "loop4n128"): _S2(128, 128, 4, 3, k_split=4),
     # the faster BLOCK_M=128 stage 1 feeding the faster BLOCK_M=64 looped stage 2
     (128, "loop4m64"): _S2(128, 64, 4, 3, k_split=4, bm=64),
+    # the intermediate tile loaded once per program (N <= 128: Qwen; N <= 256: Hy3)
+    (64, "res4n128"): _S2(128, 128, 4, 3, k_split=4, resident=True),
+    (64, "res4n256"): _S2(128, 256, 4, 2, k_split=4, resident=True),  # 2 stages: 2 CTAs/SM
+    (128, "res4m64n128"): _S2(128, 128, 4, 3, k_split=4, bm=64, resident=True),
 }
 # variant suffix -> (stage-2 kind, promote fp8 MMA partials per K chunk in stage 1)
 _MODES = {
@@ -747,6 +760,9 @@ _MODES = {
     "_loop4": ("loop4", True),
     "_fastacc_loop4n128": ("loop4n128", False),
     "_fastacc_loop4m64": ("loop4m64", False),
+    "_fastacc_res4n128": ("res4n128", False),
+    "_fastacc_res4n256": ("res4n256", False),
+    "_fastacc_res4m64n128": ("res4m64n128", False),
 }
 #: the product gate (vllm_moe_aot.reference.GATE_REL_FRO): what unpromoted fp8 MMA
 #: accumulation over K=4096 is held to, as vLLM's stock kernel is (measured 1.1e-2 to 1.6e-2)
@@ -755,7 +771,8 @@ GATE_TOLERANCE = 3e-2
 #: -> the "_fastacc" modes built for the tile (None: all). m64n256 covers Hy3's N=192 with one
 #: gate/up tile (A read once per row block instead of 3x with m64n64)
 _FASTACC_TILES: dict[str, set[str] | None] = {
-    "m64": None, "m64n64": None, "m128": None, "m64n256": {"_fastacc_loop4"}}
+    "m64": None, "m64n64": None, "m128": None,
+    "m64n256": {"_fastacc_loop4", "_fastacc_res4n256"}}
 
 
 def _grouped_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
@@ -799,7 +816,7 @@ def _grouped_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
             num_warps=4, num_stages=1))
 
     s2_names: dict[tuple[int, str, str], str] = {}
-    for (bm1, kind), (bk, bn, w, s, atomic, k_split, bm2) in _S2_TILES.items():
+    for (bm1, kind), (bk, bn, w, s, atomic, k_split, bm2, resident) in _S2_TILES.items():
         bm = bm2 or bm1
         for scheme, (pc, static) in SCHEME_FLAGS.items():
             name = f"grp_s2_{_SHORT[scheme]}_m{bm}_k{bk}_n{bn}{'_atomic' if atomic else ''}"
@@ -808,9 +825,10 @@ def _grouped_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
                       "EXACT_CAST": False, "USE_GDC": ON_CUDA}
             source = f"{_SRC}:moe_grouped_stage2"
             if k_split:
-                name = f"grp_s2loop_{_SHORT[scheme]}_m{bm}_k{bk}_n{bn}_split{k_split}" + \
+                kernel = "res" if resident else "loop"
+                name = f"grp_s2{kernel}_{_SHORT[scheme]}_m{bm}_k{bk}_n{bn}_split{k_split}" + \
                     (f"_align{bm1}" if bm1 != bm else "")
-                source = f"{_SRC}:moe_grouped_stage2_loop"
+                source = f"{_SRC}:moe_grouped_stage2_{'resident' if resident else 'loop'}"
                 del consts["ATOMIC"]
                 consts.update(K_SPLIT=k_split, ALIGN_M=bm1, NUM_STAGES=s)
             s2_names[(bm1, scheme, kind)] = name
@@ -857,6 +875,8 @@ def _grouped_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
                                              atomic)
             if not static:
                 max_n[scheme] = bn
+            if _S2_TILES[(bm, kind)].resident:
+                max_n[scheme] = min(max_n.get(scheme, 1 << 30), _S2_TILES[(bm, kind)].bn)
         variants.append(PipelineVariant(
             name=f"grouped_{tag}{suffix}", regime="grouped", kernels=kernels,
             quantize_activations=True, max_n=max_n,

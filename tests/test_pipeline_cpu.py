@@ -77,7 +77,7 @@ def test_topk_one_and_non_power_of_two_n():
         moe = FusedMoE(shape, scheme, "cpu", max_tokens=16)
         p = make(shape, scheme, 7, seed=4)
         for v in moe.variants:
-            wide = ("gemv_wn4_k4096_w8.wk4_n128",)  # stage-1 BLOCK_K and stage-2 BLOCK_N > K, N
+            wide = ("gemv_n4_k1024.k4_n128",)  # stage-1 BLOCK_K and stage-2 BLOCK_N > K, N
             if moe.regime(v) == "grouped" or v in (_first(moe, "gemv"), *wide):
                 run_and_check(moe, v, p)
 

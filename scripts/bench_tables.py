@@ -1,0 +1,79 @@
+"""Markdown tables for docs/benchmarks.md from `vllm-moe-aot bench --json` files, with issue 6's
+targets marked met or not per row (so the document cannot drift from the raw JSON).
+
+    python3 scripts/bench_tables.py docs/bench-2026-11-25-c/bench_*.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+#: (preset name prefix, M) -> absolute µs target from issue 6
+ABS_TARGETS = {("qwen3.5-397b-a17b", 1): 7.0, ("hy3", 1): 8.4,
+               ("qwen3.5-397b-a17b", 1024): 408.0, ("qwen3.5-397b-a17b", 4096): 433.0,
+               ("qwen3.5-397b-a17b", 131072): 6700.0}
+
+
+def ratio_target(M: int) -> float:
+    return 1.35 if M <= 16 else 1.5 if M <= 4096 else 2.5
+
+
+def fmt(v, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(report: dict) -> str:
+    lay = report["layer"]
+    preset = lay["name"].split(" ")[0]
+    s = lay["shape"]
+    lines = [f"### {lay['name']} {lay['scheme']} (E={s['E']}, K={s['K']}, N={s['N']}, "
+             f"topk={s['topk']})", "",
+             f"{report['device']['name']}; BW {report['bw_bytes_per_s'] / 1e12:.2f} TB/s and "
+             f"P {report['fp8_flops_per_s'] / 1e12:.0f} TFLOP/s measured in the same run; "
+             f"stock = {report['stock_provider']}, torch = {report['torch_peer']}.", "",
+             "| M | dispatch | ours µs | stock µs | torch µs | vs best peer | F µs | time/F | "
+             "TFLOPS | err | target 1 (>= best peer) | time/F target | µs target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    hosts = []
+    for r in report["rows"]:
+        if r["variant"] in ("stock", "torch_grouped") and r.get("error"):
+            continue
+        M = r["M"]
+        rt = ratio_target(M)
+        t1 = "met" if (r["speedup_best"] or 0) >= 1.0 else "**not met**"
+        t2 = f"<= {rt}: " + ("met" if r["over_floor"] <= rt else "**not met**")
+        ab = ABS_TARGETS.get((preset, M))
+        t3 = "" if ab is None else (f"<= {ab:g}: " + ("met" if r["us"] <= ab else "**not met**"))
+        lines.append(
+            f"| {M} | {r['variant']} | {fmt(r['us'])} | {fmt(r['stock_us'])} | "
+            f"{fmt(r['torch_us'])} | {fmt(r['speedup_best'], '.2f')}x ({r['best_peer']}) | "
+            f"{fmt(r['floor_us'])} | {fmt(r['over_floor'], '.2f')} | {fmt(r['tflops'])} | "
+            f"{fmt(r['err'], '.1e')} | {t1} | {t2} | {t3} |")
+        if r.get("host_us") is not None:
+            hosts.append(r)
+    if hosts:
+        lines += ["", "Host µs of one eager call (CPU time inside the call, GPU idle at entry, "
+                  "median of 30), target 5:", "",
+                  "| M | ours | stock | torch | target 5 (ours <= stock) |",
+                  "|---|---|---|---|---|"]
+        for r in hosts:
+            ok = r["stock_host_us"] is not None and r["host_us"] <= r["stock_host_us"]
+            lines.append(f"| {r['M']} | {fmt(r['host_us'])} | {fmt(r['stock_host_us'])} | "
+                         f"{fmt(r['torch_host_us'])} | {'met' if ok else '**not met**'} |")
+    return "\n".join(lines)
+
+
+def main(paths: list[str]) -> int:
+    if not paths:
+        print(__doc__, file=sys.stderr)
+        return 2
+    for p in paths:
+        with open(p) as f:
+            print(table(json.load(f)))
+            print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
