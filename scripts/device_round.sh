@@ -4,7 +4,8 @@
 #   STEPS="check tune profile bench" bash scripts/device_round.sh
 # check: scripts/gpu_check.sh; tune: `vllm-moe-aot tune` for both presets (tuned CSVs and
 # their logs); profile: per-kernel times ($PROFILE_ARGS lines, ';'-separated); bench: `vllm-moe-aot
-# bench` for both presets (JSON, PNG, stdout). Needs carry [".vllm_stock", ".whl"].
+# bench` for both presets (JSON, PNG, stdout; with the configs this call's tune step wrote, if
+# any). Needs carry [".vllm_stock", ".whl"].
 set -u
 OUT=${OUT:-./out}
 W=$(mktemp -d)
@@ -24,12 +25,17 @@ for step in $STEPS; do
         || rc=1
       tail -6 "$W/check/stdout.txt" ;;
     tune)
+      # TUNE_UPDATE=1: start from the committed tuned CSVs (with TUNE_ARGS="--tokens .. --force"
+      # to re-tune some rows); TUNE_PRESETS: which layers (default both)
       mkdir -p "$W/tune"
-      for p in qwen3.5-397b-a17b_fp8_ptpc_tp8 hy3_fp8_per_tensor_tp8; do
+      [ "${TUNE_UPDATE:-0}" = 1 ] && cp vllm_moe_aot/configs/*.tuned.csv "$W/tune/"
+      for p in ${TUNE_PRESETS:-qwen3.5-397b-a17b_fp8_ptpc_tp8 hy3_fp8_per_tensor_tp8}; do
+        # shellcheck disable=SC2086
         python3 -m vllm_moe_aot.cli tune -i "configs/$p.untuned.csv" -o "$W/tune/$p.tuned.csv" \
-          --timeout 120 --no-progress > "$W/tune/$p.stdout.txt" 2>&1 || rc=1
+          --timeout 120 --no-progress ${TUNE_ARGS:-} > "$W/tune/$p.stdout.txt" 2>&1 || rc=1
         tail -22 "$W/tune/$p.stdout.txt"
-      done ;;
+      done
+      CONFIG_DIR=${CONFIG_DIR:-$W/tune} ;;
     profile)
       mkdir -p "$W/profile"
       IFS=';' read -ra lines <<< "${PROFILE_ARGS:-}"

@@ -50,8 +50,16 @@ def res(name, us, backend="aot", status="ok"):
     ([], None),
 ])
 def test_select_winner(results, want):
-    w = select_winner(results)
+    w = select_winner(results, min_gain=0.0)
     assert (w.name if w else None) == want
+
+
+@pytest.mark.parametrize("aot_us,want", [(10.0, "stock"), (9.8, "stock"), (9.75, "stock"),
+                                         (9.7, "a"), (5.0, "a")])
+def test_select_winner_needs_a_lead_over_stock(aot_us, want):
+    """Default MIN_GAIN (3%): an AOT lead inside run-to-run spread keeps the stock path."""
+    w = select_winner([res("a", aot_us), res("stock", 10.0, "stock")])
+    assert w.name == want
 
 
 # ------------------------------------------------------------------------- fake backend
