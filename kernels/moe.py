@@ -653,8 +653,10 @@ def _gemv_specs() -> tuple[list[KernelSpec], list[PipelineVariant]]:
     s1_tiles = [(4, 1024, 4), (8, 512, 4)]
     # stage 2: (wide, BLOCK_K out cols, BLOCK_N reduction, TOPK_PAD, warps). TOPK_PAD 8 serves
     # topk <= 8 only (the pipeline skips it otherwise) with half the registers: it wins every
-    # gemv token count of Hy3 (topk=8).
-    s2_tiles = [(False, 4, 128, 16, 4), (False, 8, 64, 16, 4), (True, 16, 128, 8, 8)]
+    # gemv token count of Hy3 (topk=8). One- and two-warp tiles reduce with warp shuffles and
+    # almost no block barriers (the 4-warp k8_n64 tile has 35 BAR.SYNC per program).
+    s2_tiles = [(False, 4, 128, 16, 4), (False, 8, 64, 16, 4), (True, 16, 128, 8, 8),
+                (False, 2, 64, 16, 1), (False, 4, 64, 16, 2), (False, 2, 128, 8, 1)]
 
     def s1_name(tag: str, bn: int, bk: int, nw: int) -> str:
         return (f"gemv_s1_{tag}_n{bn}_k{bk}"
