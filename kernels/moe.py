@@ -171,6 +171,32 @@ def moe_gemv_stage1(
 
 
 @triton.jit
+def _gemv2_slots(topk_ids_ptr, topk_weights_ptr, K, topk, BLOCK_K: tl.constexpr,
+                 TOPK_PAD: tl.constexpr):
+    """The gemv stage-2 program's token, its top-k slots (padded to TOPK_PAD), their experts
+    and routing weights, and its BLOCK_K output columns."""
+    tok = tl.program_id(0).to(tl.int64)
+    offs_j = tl.arange(0, TOPK_PAD)
+    mask_j = offs_j < topk
+    pairs = tok * topk + offs_j
+    e = tl.load(topk_ids_ptr + pairs, mask=mask_j, other=0).to(tl.int64)
+    rw = tl.load(topk_weights_ptr + pairs, mask=mask_j, other=0.0)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    return tok, mask_j, pairs, e, rw, offs_k, offs_k < K
+
+
+@triton.jit
+def _gemv2_scales(w2_scale_ptr, e, offs_k, mask_j, mask_k, K, PER_CHANNEL: tl.constexpr):
+    """w2's scales per (slot, output column): [TOPK_PAD, BLOCK_K], or [TOPK_PAD, 1] per tensor."""
+    if PER_CHANNEL:
+        s = tl.load(w2_scale_ptr + e[:, None] * K + offs_k[None, :],
+                    mask=mask_j[:, None] & mask_k[None, :], other=0.0)
+    else:
+        s = tl.load(w2_scale_ptr + e, mask=mask_j, other=0.0)[:, None]
+    return s
+
+
+@triton.jit
 def moe_gemv_stage2(
     act_ptr, w2_ptr, w2_scale_ptr, topk_ids_ptr, topk_weights_ptr, out_ptr,
     N, K, topk,
@@ -184,15 +210,8 @@ def moe_gemv_stage2(
     USE_GDC (launched with programmatic dependent launch after stage 1): the first weight
     chunk and the scales, which stage 1 does not write, are loaded before ``gdc_wait``; only
     the intermediate waits for stage 1 to finish."""
-    tok = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1)
-    offs_j = tl.arange(0, TOPK_PAD)
-    mask_j = offs_j < topk
-    pairs = tok * topk + offs_j
-    e = tl.load(topk_ids_ptr + pairs, mask=mask_j, other=0).to(tl.int64)
-    rw = tl.load(topk_weights_ptr + pairs, mask=mask_j, other=0.0)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
+    tok, mask_j, pairs, e, rw, offs_k, mask_k = _gemv2_slots(
+        topk_ids_ptr, topk_weights_ptr, K, topk, BLOCK_K, TOPK_PAD)
     offs_n = tl.arange(0, BLOCK_N)
     w_ptrs = (w2_ptr + e[:, None, None] * K * N + offs_k.to(tl.int64)[None, :, None] * N
               + offs_n[None, None, :])
@@ -200,11 +219,7 @@ def moe_gemv_stage2(
     mask_jk = mask_j[:, None, None] & mask_k[None, :, None]
     mask_n = offs_n < N
     w = tl.load(w_ptrs, mask=mask_jk & mask_n[None, None, :], other=0.0)
-    if PER_CHANNEL:
-        s = tl.load(w2_scale_ptr + e[:, None] * K + offs_k[None, :],
-                    mask=mask_j[:, None] & mask_k[None, :], other=0.0)
-    else:
-        s = tl.load(w2_scale_ptr + e, mask=mask_j, other=0.0)[:, None]
+    s = _gemv2_scales(w2_scale_ptr, e, offs_k, mask_j, mask_k, K, PER_CHANNEL)
     if USE_GDC:
         gdc_wait()
     a = tl.load(a_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0.0)
@@ -228,15 +243,8 @@ def moe_gemv_stage2_wide(
     """:func:`moe_gemv_stage2` with the reduction dimension split as [BLOCK_N // VEC, VEC]:
     each thread first sums the VEC values of its own 16-byte load, so fewer values cross
     threads (fewer shared-memory round trips and barriers per program)."""
-    tok = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1)
-    offs_j = tl.arange(0, TOPK_PAD)
-    mask_j = offs_j < topk
-    pairs = tok * topk + offs_j
-    e = tl.load(topk_ids_ptr + pairs, mask=mask_j, other=0).to(tl.int64)
-    rw = tl.load(topk_weights_ptr + pairs, mask=mask_j, other=0.0)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
+    tok, mask_j, pairs, e, rw, offs_k, mask_k = _gemv2_slots(
+        topk_ids_ptr, topk_weights_ptr, K, topk, BLOCK_K, TOPK_PAD)
     nn = tl.arange(0, BLOCK_N // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     w_ptrs = (w2_ptr + e[:, None, None, None] * K * N
               + offs_k.to(tl.int64)[None, :, None, None] * N + nn[None, None, :, :])
@@ -244,11 +252,7 @@ def moe_gemv_stage2_wide(
     mask_jk = mask_j[:, None, None, None] & mask_k[None, :, None, None]
     mask_n = nn < N
     w = tl.load(w_ptrs, mask=mask_jk & mask_n[None, None, :, :], other=0.0)
-    if PER_CHANNEL:
-        s = tl.load(w2_scale_ptr + e[:, None] * K + offs_k[None, :],
-                    mask=mask_j[:, None] & mask_k[None, :], other=0.0)
-    else:
-        s = tl.load(w2_scale_ptr + e, mask=mask_j, other=0.0)[:, None]
+    s = _gemv2_scales(w2_scale_ptr, e, offs_k, mask_j, mask_k, K, PER_CHANNEL)
     if USE_GDC:
         gdc_wait()
     a = tl.load(a_ptrs, mask=mask_j[:, None, None] & mask_n[None, :, :], other=0.0)
@@ -482,6 +486,29 @@ def moe_grouped_stage2(
 
 
 @triton.jit
+def _stage2_rows(b, sorted_ids_ptr, block_expert_ptr, topk_weights_ptr, act_scale_ptr,
+                 a2_static_ptr, w2_scale_ptr, num_pairs, BLOCK_M: tl.constexpr,
+                 ALIGN_M: tl.constexpr, PER_CHANNEL: tl.constexpr, STATIC: tl.constexpr):
+    """Row block ``b`` of the looped stage-2 kernels: its expert, rows, which rows hold a
+    pair, the per-row factor (routing weight x activation scale, x the weight scale when it
+    is per tensor) and the pair index to write each row's partial to."""
+    e = tl.load(block_expert_ptr + (b * BLOCK_M) // ALIGN_M).to(tl.int64)
+    offs_m = b * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    valid = pair < num_pairs
+    if STATIC:
+        row_mult = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0) * \
+            tl.load(a2_static_ptr)
+    else:
+        row_mult = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0) * \
+            tl.load(act_scale_ptr + offs_m, mask=valid, other=0.0)
+    if not PER_CHANNEL:
+        row_mult = row_mult * tl.load(w2_scale_ptr + e)
+    safe = tl.where(valid, pair, 0).to(tl.int64)
+    return e, offs_m, valid, row_mult, safe
+
+
+@triton.jit
 def moe_grouped_stage2_loop(
     actq_ptr, act_scale_ptr, a2_static_ptr, w2_ptr, w2_scale_ptr, topk_weights_ptr,
     sorted_ids_ptr, block_expert_ptr, total_ptr, partial_ptr, acc_ptr,
@@ -505,19 +532,9 @@ def moe_grouped_stage2_loop(
     pid_k = tl.program_id(1)
     if b * BLOCK_M >= tl.load(total_ptr):
         return
-    e = tl.load(block_expert_ptr + (b * BLOCK_M) // ALIGN_M).to(tl.int64)
-    offs_m = b * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    valid = pair < num_pairs
-    if STATIC:
-        row_mult = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0) * \
-            tl.load(a2_static_ptr)
-    else:
-        row_mult = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0) * \
-            tl.load(act_scale_ptr + offs_m, mask=valid, other=0.0)
-    if not PER_CHANNEL:
-        row_mult = row_mult * tl.load(w2_scale_ptr + e)
-    safe = tl.where(valid, pair, 0).to(tl.int64)
+    e, offs_m, valid, row_mult, safe = _stage2_rows(
+        b, sorted_ids_ptr, block_expert_ptr, topk_weights_ptr, act_scale_ptr, a2_static_ptr,
+        w2_scale_ptr, num_pairs, BLOCK_M, ALIGN_M, PER_CHANNEL, STATIC)
     n_chunks = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     per_prog = tl.cdiv(k_tiles, K_SPLIT)
@@ -571,19 +588,9 @@ def moe_grouped_stage2_resident(
     pid_k = tl.program_id(1)
     if b * BLOCK_M >= tl.load(total_ptr):
         return
-    e = tl.load(block_expert_ptr + (b * BLOCK_M) // ALIGN_M).to(tl.int64)
-    offs_m = b * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    valid = pair < num_pairs
-    if STATIC:
-        row_mult = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0) * \
-            tl.load(a2_static_ptr)
-    else:
-        row_mult = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0) * \
-            tl.load(act_scale_ptr + offs_m, mask=valid, other=0.0)
-    if not PER_CHANNEL:
-        row_mult = row_mult * tl.load(w2_scale_ptr + e)
-    safe = tl.where(valid, pair, 0).to(tl.int64)
+    e, offs_m, valid, row_mult, safe = _stage2_rows(
+        b, sorted_ids_ptr, block_expert_ptr, topk_weights_ptr, act_scale_ptr, a2_static_ptr,
+        w2_scale_ptr, num_pairs, BLOCK_M, ALIGN_M, PER_CHANNEL, STATIC)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     a = tl.load(actq_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :],
