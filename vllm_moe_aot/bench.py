@@ -307,6 +307,8 @@ def run_cpu(args, shape: MoEShape, scheme: Scheme, name: str, moe_factory=None) 
     skipped = [
         "GPU timing of the AOT pipeline (no GPU)" if not args.cpu else "GPU timing (--cpu)",
         "stock path timing (runs on a GPU only)",
+        "torch grouped-GEMM peer timing (torch._scaled_grouped_mm runs on sm_90 GPUs only)",
+        "host time of one eager call (--host-tokens; needs the GPU path)",
         "HBM bandwidth and fp8 FLOP/s measurement, floors, GB/s, TFLOPS",
         "dispatch table (needs the GPU's name and arch); every compiled variant is checked",
     ]
