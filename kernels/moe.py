@@ -509,6 +509,27 @@ def _stage2_rows(b, sorted_ids_ptr, block_expert_ptr, topk_weights_ptr, act_scal
 
 
 @triton.jit
+def _k_tiles(pid_k, K, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr):
+    """[kt0, kt1): the K tiles program ``pid_k`` of K_SPLIT walks."""
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_prog = tl.cdiv(k_tiles, K_SPLIT)
+    kt0 = pid_k * per_prog
+    return kt0, tl.minimum(kt0 + per_prog, k_tiles)
+
+
+@triton.jit
+def _store_partials(acc, row_mult, w2_scale_ptr, e, offs_k, valid, safe, partial_ptr, K,
+                    PER_CHANNEL: tl.constexpr):
+    """One [BLOCK_M, BLOCK_K] tile of stage-2 partials: scaled, written at each row's pair."""
+    y = acc * row_mult[:, None]
+    mask_k = offs_k < K
+    if PER_CHANNEL:
+        y = y * tl.load(w2_scale_ptr + e * K + offs_k, mask=mask_k, other=0.0)[None, :]
+    tl.store(partial_ptr + safe[:, None] * K + offs_k[None, :],
+             y.to(partial_ptr.dtype.element_ty), mask=valid[:, None] & mask_k[None, :])
+
+
+@triton.jit
 def moe_grouped_stage2_loop(
     actq_ptr, act_scale_ptr, a2_static_ptr, w2_ptr, w2_scale_ptr, topk_weights_ptr,
     sorted_ids_ptr, block_expert_ptr, total_ptr, partial_ptr, acc_ptr,
@@ -536,10 +557,8 @@ def moe_grouped_stage2_loop(
         b, sorted_ids_ptr, block_expert_ptr, topk_weights_ptr, act_scale_ptr, a2_static_ptr,
         w2_scale_ptr, num_pairs, BLOCK_M, ALIGN_M, PER_CHANNEL, STATIC)
     n_chunks = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_prog = tl.cdiv(k_tiles, K_SPLIT)
-    kt0 = pid_k * per_prog
-    steps = (tl.minimum(kt0 + per_prog, k_tiles) - kt0) * n_chunks
+    kt0, kt1 = _k_tiles(pid_k, K, BLOCK_K, K_SPLIT)
+    steps = (kt1 - kt0) * n_chunks
     offs_r = tl.arange(0, BLOCK_K)
     offs_c = tl.arange(0, BLOCK_N)
     a_rows = actq_ptr + offs_m.to(tl.int64)[:, None] * N
@@ -559,13 +578,8 @@ def moe_grouped_stage2_loop(
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc)
         if nc == n_chunks - 1:
-            y = acc * row_mult[:, None]
-            if PER_CHANNEL:
-                y = y * tl.load(w2_scale_ptr + e * K + offs_k, mask=offs_k < K,
-                                other=0.0)[None, :]
-            dst = partial_ptr + safe[:, None] * K + offs_k[None, :]
-            tl.store(dst, y.to(partial_ptr.dtype.element_ty),
-                     mask=valid[:, None] & (offs_k < K)[None, :])
+            _store_partials(acc, row_mult, w2_scale_ptr, e, offs_k, valid, safe, partial_ptr, K,
+                            PER_CHANNEL)
             acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
 
 
@@ -597,10 +611,7 @@ def moe_grouped_stage2_resident(
                 mask=valid[:, None] & mask_n[None, :], other=0.0)
     if EXACT_CAST:
         a = _fp8_operand(a, FP8_MAX, EXACT_CAST)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_prog = tl.cdiv(k_tiles, K_SPLIT)
-    kt0 = pid_k * per_prog
-    kt1 = tl.minimum(kt0 + per_prog, k_tiles)
+    kt0, kt1 = _k_tiles(pid_k, K, BLOCK_K, K_SPLIT)
     offs_r = tl.arange(0, BLOCK_K)
     w_base = w2_ptr + e * K * N + offs_n[:, None]
     for kt in tl.range(kt0, kt1, num_stages=NUM_STAGES):
@@ -610,11 +621,8 @@ def moe_grouped_stage2_resident(
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         if EXACT_CAST:
             w = w.to(tl.float32)
-        y = tl.dot(a, w) * row_mult[:, None]
-        if PER_CHANNEL:
-            y = y * tl.load(w2_scale_ptr + e * K + offs_k, mask=mask_k, other=0.0)[None, :]
-        tl.store(partial_ptr + safe[:, None] * K + offs_k[None, :],
-                 y.to(partial_ptr.dtype.element_ty), mask=valid[:, None] & mask_k[None, :])
+        _store_partials(tl.dot(a, w), row_mult, w2_scale_ptr, e, offs_k, valid, safe,
+                        partial_ptr, K, PER_CHANNEL)
 
 
 @triton.jit
