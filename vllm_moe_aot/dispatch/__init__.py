@@ -1,0 +1,1 @@
+"""Which implementation runs a layer at each batch size: tuned tables and the default policy."""
