@@ -19,6 +19,13 @@ unless ``--force``; the file is rewritten after every row, so an interrupted run
 Every candidate's outcome goes to ``<out>.log``. The exit status is non-zero when a row could
 not be tuned (no candidate passed).
 
+``--model <config.json or checkpoint folder> --tp T [--ep E]`` derives the rows instead of
+reading ``-i``: :mod:`vllm_moe_aot.model_config` reads the routed-MoE fields, the per-rank layer
+is checked with :func:`~vllm_moe_aot.shapes.unsupported_reason`, and
+``<config-dir>/<model>_<scheme>_tp<T>[_ep<E>].untuned.csv`` (every tuned token count) is written
+before anything needs a GPU; the tuned CSV goes next to it, where ``VLLM_MOE_AOT_CONFIG_DIR``
+points vLLM.
+
 The selection and resume logic (:func:`select_winner`, :func:`tune_keys`) only talks to a
 :class:`TuneBackend`; :class:`LayerBackend` is the real one, with an injectable pipeline
 factory, stock provider and timer so that it runs on the CPU in tests.
@@ -567,8 +574,35 @@ def format_summary(report: TuneReport) -> str:
 # ------------------------------------------------------------------------------ cli
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-i", "--input", required=True, help="untuned CSV (shapes x token counts)")
-    p.add_argument("-o", "--output", required=True, help="tuned CSV to write/update")
+    from vllm_moe_aot.integration import CONFIG_DIR_ENV  # vLLM-free constant
+
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-i", "--input", help="untuned CSV (shapes x token counts)")
+    src.add_argument("--model", metavar="PATH",
+                     help="a Hugging Face config.json, or a checkpoint folder holding one: "
+                          "derive the per-rank MoE layer, write <config-dir>/<model>_<scheme>_"
+                          "tp<T>[_ep<E>].untuned.csv (all tuned token counts) and tune it")
+    p.add_argument("-o", "--output", default=None,
+                   help="tuned CSV to write/update (required with -i; with --model default "
+                        "<config-dir>/<model>_<scheme>_tp<T>[_ep<E>].tuned.csv)")
+    p.add_argument("--tp", type=int, default=None,
+                   help="with --model (required): the tensor-parallel size vLLM serves with; "
+                        "without --ep each rank holds all experts, intermediate / T each")
+    p.add_argument("--ep", type=int, default=1,
+                   help="with --model: vLLM's expert-parallel size (--enable-expert-parallel: "
+                        "EP = TP x DP); each rank then holds experts / EP experts at the full "
+                        "intermediate size. Note: the vLLM backend currently leaves "
+                        "expert-parallel layers to vLLM")
+    p.add_argument("--scheme", choices=["fp8_ptpc", "fp8_per_tensor"], default=None,
+                   help="with --model: scheme family to tune (default: the checkpoint's "
+                        "quantization_config when it names one of these, else fp8_ptpc)")
+    p.add_argument("--config-dir", default=None, metavar="DIR",
+                   help=f"with --model: user config folder to write into (default "
+                        f"${CONFIG_DIR_ENV} if set, else ./{DEFAULT_USER_CONFIG_DIR}); "
+                        f"serve with {CONFIG_DIR_ENV}=DIR so that vLLM dispatches from it")
+    p.add_argument("--name", default=None,
+                   help="with --model: model name in the file names (default: the config's "
+                        "_name_or_path or the folder name, lower-cased)")
     p.add_argument("--e2e", action="store_true", default=True,
                    help="time each candidate as the whole layer (bf16 x + routing -> bf16 "
                         "out); always on, the only mode")
@@ -595,8 +629,94 @@ def _print_issues(issues: Sequence[ConfigIssue]) -> None:
         print(f"warning: malformed row skipped: {i}", file=sys.stderr)
 
 
+#: where ``tune --model`` writes without ``--config-dir`` or ``$VLLM_MOE_AOT_CONFIG_DIR``
+DEFAULT_USER_CONFIG_DIR = "vllm-moe-aot-configs"
+
+
+def _prepare_model(args: argparse.Namespace) -> tuple[Path, Path, str] | int:
+    """``--model``: derive the layer, write its untuned CSV; ``(input, output, note)`` or an
+    exit status. Nothing here needs a GPU."""
+    import os
+
+    from vllm_moe_aot.configs import write_untuned
+    from vllm_moe_aot.integration import CONFIG_DIR_ENV  # vLLM-free constant
+    from vllm_moe_aot.model_config import (
+        ModelConfigError,
+        config_stem,
+        per_rank_shape,
+        read_model,
+    )
+    from vllm_moe_aot.shapes import TUNED_TOKEN_COUNTS, unsupported_reason
+
+    if args.tp is None:
+        print("error: --model needs --tp T (the tensor-parallel size vLLM serves with)",
+              file=sys.stderr)
+        return 2
+    try:
+        moe = read_model(args.model, getattr(args, "name", None))
+    except ModelConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ep = getattr(args, "ep", 1) or 1
+    if args.scheme is not None:
+        scheme = Scheme.parse(args.scheme)
+    elif moe.scheme is not None:
+        scheme = moe.scheme
+    else:
+        scheme = Scheme.FP8_PTPC
+        print(f"note: the checkpoint is {moe.quant}; tuning fp8_ptpc (pass --scheme to "
+              "choose; vLLM uses these rows only for an FP8 per-channel/per-token or "
+              "per-tensor checkpoint of this shape)", file=sys.stderr)
+    try:
+        shape = per_rank_shape(moe, args.tp, ep)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    par = f"tp={args.tp}" + (f", ep={ep}" if ep > 1 else "")
+    print(f"model {moe}; checkpoint: {moe.quant}")
+    print(f"per-rank MoE layer at {par}: {shape} scheme {scheme.family}")
+    why = unsupported_reason(shape, scheme)
+    if why is not None:
+        fits = [t for t in (1, 2, 4, 8, 16, 32) if ep == 1 and moe.intermediate % t == 0
+                and unsupported_reason(per_rank_shape(moe, t), scheme) is None]
+        hint = f" (tp values that fit: {', '.join(map(str, fits))})" if fits else ""
+        print(f"error: the AOT pipeline cannot serve this layer: {why}{hint}", file=sys.stderr)
+        return 2
+    if ep > 1:
+        print("note: the vLLM backend currently leaves expert-parallel MoE layers to vLLM; "
+              "rows tuned with --ep are for bench/info until it takes them", file=sys.stderr)
+    cdir = Path(args.config_dir or os.environ.get(CONFIG_DIR_ENV)
+                or DEFAULT_USER_CONFIG_DIR).resolve()  # absolute: vLLM may start elsewhere
+    stem = config_stem(moe.name, scheme, args.tp, ep)
+    inp = cdir / f"{stem}.untuned.csv"
+    out = Path(args.output) if args.output else cdir / f"{stem}.tuned.csv"
+    write_untuned(inp, [RowKey.of(shape, scheme, m) for m in TUNED_TOKEN_COUNTS])
+    print(f"wrote {inp} ({len(TUNED_TOKEN_COUNTS)} token counts)")
+    note = (f"the untuned rows are in {inp}; run this command on the GPU you serve with to "
+            f"tune them into {out}, then serve with {CONFIG_DIR_ENV}={cdir}")
+    return inp, out, note
+
+
 def run(args: argparse.Namespace, backend: TuneBackend | None = None) -> int:
-    inp, out = Path(args.input), Path(args.output)
+    no_gpu_note = ""
+    if getattr(args, "model", None):
+        prepared = _prepare_model(args)
+        if isinstance(prepared, int):
+            return prepared
+        inp, out, no_gpu_note = prepared
+    else:
+        if args.output is None:
+            print("error: -i needs -o (the tuned CSV to write)", file=sys.stderr)
+            return 2
+        extra = [f for f, v in (("--tp", getattr(args, "tp", None)),
+                                ("--scheme", getattr(args, "scheme", None)),
+                                ("--config-dir", getattr(args, "config_dir", None)),
+                                ("--name", getattr(args, "name", None)))
+                 if v is not None] + (["--ep"] if (getattr(args, "ep", 1) or 1) > 1 else [])
+        if extra:
+            print(f"error: {', '.join(extra)} only go with --model", file=sys.stderr)
+            return 2
+        inp, out = Path(args.input), Path(args.output)
     if not inp.is_file():
         print(f"error: input {inp} does not exist", file=sys.stderr)
         return 2
@@ -625,7 +745,8 @@ def run(args: argparse.Namespace, backend: TuneBackend | None = None) -> int:
         try:
             dev = require_gpu("vllm-moe-aot tune")
         except NoGPUError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {exc}" + (f"; {no_gpu_note}" if no_gpu_note else ""),
+                  file=sys.stderr)
             return 2
         stock = None
         if args.stock != "none":
