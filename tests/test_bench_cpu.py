@@ -54,7 +54,61 @@ def test_resolve_layer():
     with pytest.raises(ValueError):
         bench.resolve_layer(_args(preset=None))
     assert bench.cpu_shape(QWEN) == MoEShape(8, 256, 64, 4)
-    assert bench.cpu_shape(MoEShape(8, 256, 64, 2)).topk == 2
+    assert bench.scaled_down(QWEN, bench.cpu_shape(QWEN)) == [
+        "E 512->8", "K 4096->256", "N 128->64", "topk 10->4"]
+    # a shape within the caps runs as given; only the dimensions above a cap are cut
+    for small in (MoEShape(8, 256, 64, 2), MoEShape(4, 128, 32, 4), MoEShape(2, 256, 64, 2)):
+        assert bench.cpu_shape(small) == small and bench.scaled_down(small, small) == []
+    assert bench.cpu_shape(MoEShape(16, 128, 96, 2)) == MoEShape(8, 128, 64, 2)
+    assert bench.cpu_shape(MoEShape(4, 8192, 32, 4)) == MoEShape(4, 256, 32, 4)
+
+
+@pytest.mark.parametrize("shape, scheme, why", [
+    ("8,100,64,2", "fp8_ptpc", "K=100 must be a multiple of 128"),
+    ("8,256,48,2", "fp8_per_tensor", "N=48 must be a multiple of 32"),
+    ("8,256,64,9", "fp8_ptpc", "topk=9 must be between 1 and min(16, E=8)"),
+    ("2048,256,64,2", "fp8_ptpc", "E=2048 must be between 1 and 1024"),
+])
+def test_bench_refuses_an_unsupported_shape_before_any_work(shape, scheme, why, monkeypatch,
+                                                            capsys):
+    def no_work(*a, **k):
+        raise AssertionError("bench started work on an unsupported shape")
+
+    monkeypatch.setattr(bench, "run_cpu", no_work)
+    monkeypatch.setattr(bench, "run_gpu", no_work)
+    with pytest.raises(ValueError, match="not supported by the AOT pipeline"):
+        bench.resolve_layer(_args(preset=None, shape=shape, scheme=scheme))
+    assert main(["bench", "--shape", shape, "--scheme", scheme]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --shape {shape}" in err and why in err and "not supported" in err
+
+
+def test_cpu_path_runs_a_small_shape_as_given(tmp_path, capsys):
+    js = tmp_path / "s.json"
+    good = {k: v for k, v in DEFAULT_VARIANTS.items() if k != "fake_wrong"}
+    args = _args(preset=None, shape="4,128,32,2", scheme="fp8_ptpc", tokens=[1, 3],
+                 json=str(js))
+    shape, scheme, name = bench.resolve_layer(args)
+    assert bench.run_cpu(args, shape, scheme, name, moe_factory=factory(good)) == 0
+    out = capsys.readouterr().out
+    assert "the given shape E=4,K=128,N=32,topk=2 (within the interpreter's caps, not scaled " \
+           "down)" in out
+    layer = json.loads(js.read_text())["layer"]
+    assert layer["cpu_shape"] == layer["shape"] == {"E": 4, "K": 128, "N": 32, "topk": 2}
+    assert layer["cpu_scaled_down"] == []
+
+
+def test_cpu_path_says_what_it_needs_without_triton(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "triton" else real(name, *a))
+    rc = bench.run_cpu(_args(), HY3, PRESETS["hy3"].scheme, "hy3")
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "needs triton 3.8, which is not installed: pip install 'triton~=3.8.0'" in out
+    assert "SKIPPED" in out
 
 
 def test_cpu_path_with_fake_pipeline(tmp_path, capsys):
@@ -70,6 +124,9 @@ def test_cpu_path_with_fake_pipeline(tmp_path, capsys):
     data = json.loads(js.read_text())
     assert data["mode"] == "cpu-interpreter"
     assert data["layer"]["cpu_shape"] == {"E": 8, "K": 256, "N": 64, "topk": 4}
+    assert data["layer"]["cpu_scaled_down"] == ["E 192->8", "K 4096->256", "N 192->64",
+                                                "topk 8->4"]
+    assert "scaled-down shape E=8,K=256,N=64,topk=4 (E 192->8, K 4096->256" in out
     assert [(r["M"], r["variant"]) for r in data["rows"]] == [
         (m, v) for m in (1, 5, 33) for v in good]
     assert all(r["gate"] == "pass" and r["err"] < 1e-2 for r in data["rows"])

@@ -11,9 +11,10 @@ with BW (2 GiB device copy) and P (8192^3 fp8 ``_scaled_mm``) measured in the sa
 time/F, achieved GB/s and TFLOPS, speedup over stock and the gate's error. Prints a table,
 writes JSON (``--json``) and a log-log latency plot with the floors (``--plot``).
 
-Without a GPU it still runs the pipeline, through the Triton interpreter on a scaled-down
-version of the shape (E=8, K=256, N=64, topk<=4; M in 1, 5, 33), checks each variant against
-the float64 reference with the gate, and says that GPU timing was skipped. (By default one
+Without a GPU it still runs the pipeline, through the Triton interpreter on the layer's shape
+with each dimension above the interpreter's caps cut to them (E<=8, K<=256, N<=64, topk<=4;
+M in 1, 5, 33), checks each variant against the float64 reference with the gate, and says what
+it scaled down and that GPU timing was skipped. (By default one
 variant per regime; ``--variant all`` checks every compiled variant, which takes minutes.)
 """
 
@@ -31,10 +32,18 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vllm_moe_aot.shapes import PRESETS, TUNED_TOKEN_COUNTS, MoEShape, Scheme
+from vllm_moe_aot.shapes import (
+    PRESETS,
+    TUNED_TOKEN_COUNTS,
+    MoEShape,
+    Scheme,
+    unsupported_reason,
+)
 
-#: The scaled-down shape and token counts of the CPU (interpreter) path.
-CPU_SHAPE = dict(E=8, K=256, N=64, max_topk=4)
+#: The CPU (interpreter) path's caps: a dimension of the layer above its cap runs at the cap (the
+#: interpreter runs every Triton program in Python, some 10^4 times slower than a GPU); each cap
+#: is a multiple of the supported granularity, so a supported shape stays supported.
+CPU_LIMITS = dict(E=8, K=256, N=64, topk=4)
 CPU_TOKENS = (1, 5, 33)
 
 
@@ -181,7 +190,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_layer(args) -> tuple[MoEShape, Scheme, str]:
-    """(shape, scheme, name) from --preset/--tp or --shape/--scheme."""
+    """(shape, scheme, name) from --preset/--tp or --shape/--scheme; ValueError for a layer
+    that :func:`~vllm_moe_aot.shapes.unsupported_reason` rejects."""
     from vllm_moe_aot.configs import preset_shape
 
     if args.shape:
@@ -189,12 +199,19 @@ def resolve_layer(args) -> tuple[MoEShape, Scheme, str]:
             raise ValueError("--shape needs --scheme")
         shape = MoEShape.parse(args.shape)
         scheme = Scheme.parse(args.scheme) if args.scheme else PRESETS[args.preset].scheme
-        return shape, scheme, args.preset or "custom"
-    if not args.preset:
-        raise ValueError("give --preset or --shape E,K,N,topk with --scheme")
-    preset = PRESETS[args.preset]
-    scheme = Scheme.parse(args.scheme) if args.scheme else preset.scheme
-    return preset_shape(preset, args.tp), scheme, f"{preset.name} tp{args.tp}"
+        name, given = args.preset or "custom", f"--shape {args.shape}"
+    else:
+        if not args.preset:
+            raise ValueError("give --preset or --shape E,K,N,topk with --scheme")
+        preset = PRESETS[args.preset]
+        scheme = Scheme.parse(args.scheme) if args.scheme else preset.scheme
+        shape = preset_shape(preset, args.tp)
+        name, given = f"{preset.name} tp{args.tp}", f"--preset {preset.name} --tp {args.tp}"
+    reason = unsupported_reason(shape, scheme)
+    if reason:
+        raise ValueError(f"{given} ({shape}, {scheme.value}) is not supported by the AOT "
+                         f"pipeline: {reason}")
+    return shape, scheme, name
 
 
 def run(args: argparse.Namespace) -> int:
@@ -264,8 +281,36 @@ def _argv_from_args(args) -> list[str]:
 
 
 def cpu_shape(shape: MoEShape) -> MoEShape:
-    return MoEShape(E=CPU_SHAPE["E"], K=CPU_SHAPE["K"], N=CPU_SHAPE["N"],
-                    topk=min(shape.topk, CPU_SHAPE["max_topk"]))
+    """The shape the CPU path runs: ``shape`` with each dimension above its cap in
+    :data:`CPU_LIMITS` cut to the cap (and topk to at most E); a shape within the caps runs
+    unchanged."""
+    E = min(shape.E, CPU_LIMITS["E"])
+    return MoEShape(E=E, K=min(shape.K, CPU_LIMITS["K"]), N=min(shape.N, CPU_LIMITS["N"]),
+                    topk=min(shape.topk, CPU_LIMITS["topk"], E))
+
+
+def scaled_down(shape: MoEShape, small: MoEShape) -> list[str]:
+    """``["E 512->8", ...]``: the dimensions :func:`cpu_shape` changed."""
+    return [f"{d} {getattr(shape, d)}->{getattr(small, d)}" for d in ("E", "K", "N", "topk")
+            if getattr(shape, d) != getattr(small, d)]
+
+
+def _interpreter_missing() -> str | None:
+    """What the CPU path lacks to run the kernels' Triton sources, or None: triton itself, and
+    the ``kernels`` package (shipped in the wheel; in a checkout, its root)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return ("the CPU path runs the kernels' Triton sources in Triton's interpreter and "
+                "needs triton 3.8, which is not installed: pip install 'triton~=3.8.0' (or "
+                "install vllm-moe-aot with its [cpu-demo] extra)")
+    checkout = Path(__file__).resolve().parents[1] / "kernels" / "__init__.py"
+    if importlib.util.find_spec("kernels") is None and not checkout.is_file():
+        return ("the CPU path needs the kernels' Triton sources (the `kernels` package, which "
+                "the wheel ships beside vllm_moe_aot) and cannot import them: reinstall from "
+                "a wheel built from the repository (python -m build --wheel) or run from the "
+                "checkout")
+    return None
 
 
 def representatives(moe) -> list[str]:
@@ -279,6 +324,13 @@ def representatives(moe) -> list[str]:
 
 
 def run_cpu(args, shape: MoEShape, scheme: Scheme, name: str, moe_factory=None) -> int:
+    missing = _interpreter_missing() if moe_factory is None else None
+    if missing:
+        print(f"vllm-moe-aot bench: {name} {shape} {scheme.value}")
+        print(f"error: {missing}")
+        _print_skipped(["the CPU (interpreter) check of the pipeline (see the error above)",
+                        "GPU timing (no GPU)" if not args.cpu else "GPU timing (--cpu)"])
+        return 1
     if moe_factory is None and not _interpreter_ready():
         print("note: Triton kernels were imported before TRITON_INTERPRET=1 was set; "
               "re-running bench in a fresh process with it set", flush=True)
@@ -294,16 +346,21 @@ def run_cpu(args, shape: MoEShape, scheme: Scheme, name: str, moe_factory=None) 
     tokens = tuple(args.tokens) if args.tokens else CPU_TOKENS
     reason = "--cpu was given" if args.cpu else "no GPU is present (torch.cuda.is_available() " \
                                                 "is False)"
+    scaled = scaled_down(shape, small)
     print(f"vllm-moe-aot bench: {name} {shape} {scheme.value}")
-    print(f"CPU path ({reason}): running the pipeline through the Triton interpreter on the "
-          f"scaled-down shape {small} (same scheme), M in {', '.join(map(str, tokens))}, "
-          "against the float64 reference with the correctness gate")
+    print(f"CPU path ({reason}): running the pipeline through the Triton interpreter on "
+          + (f"the scaled-down shape {small} ({', '.join(scaled)}: the interpreter's caps "
+             f"are {', '.join(f'{k}<={v}' for k, v in CPU_LIMITS.items())})" if scaled else
+             f"the given shape {small} (within the interpreter's caps, not scaled down)")
+          + f", scheme {scheme.value}, M in {', '.join(map(str, tokens))}, against the float64 "
+          "reference with the correctness gate")
     big = [m for m in tokens if m > 256]
     if big:
         print(f"warning: the interpreter is slow; M={big} may take a long time")
     report = BenchReport(mode="cpu-interpreter",
                          layer={"name": name, "shape": asdict(shape), "scheme": scheme.value,
-                                "cpu_shape": asdict(small), "tp": args.tp})
+                                "cpu_shape": asdict(small), "cpu_scaled_down": scaled,
+                                "tp": args.tp})
     skipped = [
         "GPU timing of the AOT pipeline (no GPU)" if not args.cpu else "GPU timing (--cpu)",
         "stock path timing (runs on a GPU only)",
