@@ -19,7 +19,6 @@ from __future__ import annotations
 import ast
 import concurrent.futures as cf
 import contextlib
-import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -30,22 +29,24 @@ import re
 import shutil
 import sys
 import tempfile
-import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kernels.spec import TARGETS, KernelSpec, PipelineVariant, Target
+from kernels.spec import TARGETS, KernelSpec, Target
+from vllm_moe_aot.contract import (
+    MANIFEST_NAME,
+    SCHEMA,
+    ManifestDoc,
+    ManifestError,
+    ObjectEntry,
+    Role,
+    Variant,
+)
 
 #: bump when the build writes different objects or entries for the same inputs
 BUILD_FORMAT = 1
-MANIFEST_NAME = "manifest.json"
-SCHEMA = 1
-#: scratch pointers Triton appends after the user's parameters, in order, when its metadata
-#: has the matching ``<name>_size`` field (Triton 3.6 - 3.8: both, always)
-APPENDED = ("global_scratch", "profile_scratch")
-APPENDED_TYPE = "*i8"
 #: environment variables that never change generated code (kept out of the cache key)
 _ENV_NOT_IN_KEY = {"TRITON_INTERPRET", "TRITON_CACHE_DIR", "TRITON_HOME"}
 
@@ -249,174 +250,6 @@ class KeyMaker:
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
-# ---- compiling one object (runs in worker processes) --------------------------------------------
-def _import_fn(source: str) -> Any:
-    mod, _, name = source.partition(":")
-    return getattr(importlib.import_module(mod), name)
-
-
-def _ptxas_version() -> str | None:
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        tool = get_ptxas(90)
-        out = tool.version if isinstance(tool.version, str) else str(tool.version)
-        try:
-            import subprocess
-
-            text = subprocess.run([tool.path, "--version"], capture_output=True, text=True,
-                                  timeout=30).stdout
-            m = re.search(r"V(\d+\.\d+\.\d+)", text)
-            if m:
-                out = m.group(1)
-        except Exception:  # noqa: BLE001
-            pass
-        return out
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _llvm_version(binary: bytes) -> str | None:
-    import io
-
-    from elftools.elf.elffile import ELFFile
-
-    try:
-        sec = ELFFile(io.BytesIO(binary)).get_section_by_name(".comment")
-        if sec is None:
-            return None
-        text = sec.data().split(b"\0")[0].decode(errors="replace")
-        return text.removeprefix("Linker: ").strip() or None
-    except Exception:  # noqa: BLE001
-        return None
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
-def compile_payload(p: dict[str, Any]) -> tuple[str, Any, Any]:
-    """Compile one object. Returns ("ok", entry, bytes) or ("error", message, None)."""
-    try:
-        with _env("TRITON_CACHE_DIR", p["cache_dir"]):
-            entry, binary = _compile(p)
-        return "ok", entry, binary
-    except Exception as e:  # noqa: BLE001 - reported per object, the build goes on
-        msg = f"{type(e).__name__}: {e}".strip()
-        if not str(e).strip():
-            msg += "\n" + traceback.format_exc(limit=5)
-        return "error", msg[:6000], None
-
-
-def _compile(p: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from vllm_moe_aot.runtime.elf import kernel_params
-    from vllm_moe_aot.runtime.params import layout
-
-    name, target = p["name"], TARGETS[p["target"]]
-    fn = _import_fn(p["source"])
-    if not hasattr(fn, "arg_names") or type(fn).__name__ == "InterpretedFunction":
-        raise BuildError(f"{p['source']} is not a Triton @jit function compiled for GPUs "
-                         f"(is TRITON_INTERPRET set?)")
-    sig: dict[str, str] = p["signature"]
-    consts: dict[str, Any] = p["constexprs"]
-    args = list(fn.arg_names)
-    missing = [a for a in args if a not in sig and a not in consts]
-    extra = [a for a in list(sig) + list(consts) if a not in args]
-    both = [a for a in sig if a in consts]
-    if missing or extra or both:
-        raise BuildError(f"spec does not match {p['source']}{tuple(args)}: missing {missing}, "
-                         f"unknown {extra}, both signature and constexpr {both}")
-    order = [a for a in args if a in sig]
-    if order != list(sig):
-        raise BuildError(f"signature order {list(sig)} differs from the kernel's {order}; list "
-                         f"the parameters in the kernel's own order (it is the launch order)")
-    bad_div = [d for d in p["divisible_by_16"] if d not in sig]
-    if bad_div:
-        raise BuildError(f"divisible_by_16 names {bad_div}, which are not signature parameters")
-    full_sig = {a: (sig[a] if a in sig else "constexpr") for a in args}
-    attrs = {(args.index(d),): [["tt.divisibility", 16]] for d in p["divisible_by_16"]}
-    src = ASTSource(fn, signature=full_sig, constexprs=consts, attrs=attrs)
-    ck = triton.compile(src, target=GPUTarget(target.backend, target.arch, target.warp_size),
-                        options={"num_warps": p["num_warps"], "num_stages": p["num_stages"]})
-    binary: bytes = ck.asm[target.suffix]
-    md = ck.metadata
-    symbol = md.name
-
-    # the launch parameters, from the artifact
-    declared = kernel_params(binary, symbol)
-    appended = [a for a in APPENDED if hasattr(md, f"{a}_size")]
-    if len(declared) != len(sig) + len(appended):
-        raise BuildError(
-            f"the compiled kernel declares {len(declared)} parameters; expected the "
-            f"{len(sig)} of the signature plus {len(appended)} appended by Triton "
-            f"{triton_version()}"
-            f" ({appended}). This Triton changed its calling convention: update APPENDED in "
-            f"kernels/build.py"
-        )
-    params = [{"name": a, "type": t, "appended": False} for a, t in sig.items()]
-    params += [{"name": a, "type": APPENDED_TYPE, "appended": True} for a in appended]
-    ours = layout([q["type"] for q in params])
-    theirs = [(d.offset, d.size) for d in declared]
-    if ours != theirs:
-        raise BuildError(f"parameter layout {ours} (from the signature) differs from the code "
-                         f"object's {theirs}; check the signature's types")
-    for q, d in zip(params, declared, strict=True):
-        q["offset"], q["size"] = d.offset, d.size
-
-    tv = triton_version()
-    if target.backend == "cuda":
-        tool = _ptxas_version()
-        compiler_version = f"triton {tv}" + (f", ptxas {tool}" if tool else "")
-    else:
-        tool = _llvm_version(binary)
-        compiler_version = f"triton {tv}" + (f", {tool}" if tool else "")
-    entry = {
-        "name": name,
-        "target": target.name,
-        "file": p["file"],
-        "symbol": symbol,
-        "params": params,
-        "num_warps": md.num_warps,
-        "threads_per_block": md.num_warps * target.warp_size,
-        "shared": md.shared,
-        "global_scratch_size": getattr(md, "global_scratch_size", 0) or 0,
-        "global_scratch_align": getattr(md, "global_scratch_align", 1) or 1,
-        "profile_scratch_size": getattr(md, "profile_scratch_size", 0) or 0,
-        "profile_scratch_align": getattr(md, "profile_scratch_align", 1) or 1,
-        "num_ctas": getattr(md, "num_ctas", 1),
-        "launch_pdl": bool(getattr(md, "launch_pdl", False)),
-        "launch_cooperative_grid": bool(getattr(md, "launch_cooperative_grid", False)),
-        "config": p["config"],
-        "constexprs": {k: _json_const(v, name) for k, v in consts.items()},
-        "family": p["family"],
-        "source": p["source"],
-        "sha256": hashlib.sha256(binary).hexdigest(),
-        "size": len(binary),
-        "cache_key": p["key"],
-        "compiler_version": compiler_version,
-    }
-    return entry, binary
-
-
-def _init_worker(paths: list[str]) -> None:
-    for pth in reversed(paths):
-        if pth not in sys.path:
-            sys.path.insert(0, pth)
-
-
 # ---- build / check ------------------------------------------------------------------------------
 @dataclass
 class Failure:
@@ -449,7 +282,7 @@ class BuildReport:
 
 
 def _load_specs(specs: Sequence[KernelSpec] | None,
-                variants: Sequence[PipelineVariant] | None):
+                variants: Sequence[Variant] | None):
     if specs is None or variants is None:
         from kernels import registry
 
@@ -462,48 +295,41 @@ def _load_specs(specs: Sequence[KernelSpec] | None,
     return list(specs), list(variants)
 
 
-def _variant_kernels(v: PipelineVariant) -> list[tuple[str, str]]:
-    """(where, kernel name) for every kernel a variant names (``kernels`` may nest by scheme)."""
-    out: list[tuple[str, str]] = []
-
-    def walk(obj: Any, where: str) -> None:
-        if isinstance(obj, str):
-            out.append((where, obj))
-        elif isinstance(obj, dict):
-            for k, val in obj.items():
-                walk(val, f"{where}/{k}" if where else str(k))
-
-    walk(v.kernels, "")
-    return out
-
-
-def variant_problems(specs: Sequence[KernelSpec], variants: Sequence[PipelineVariant]
-                     ) -> list[str]:
-    names = {s.name for s in specs}
+def variant_problems(specs: Sequence[KernelSpec], variants: Sequence[Variant]) -> list[str]:
+    """Variants that name unknown kernels, or whose declared limits (``max_topk``,
+    ``block_m``) are not what their kernels were built with."""
+    by = {s.name: s for s in specs}
     out = []
     seen: set[str] = set()
     for v in variants:
         if v.name in seen:
             out.append(f"duplicate variant name {v.name!r}")
         seen.add(v.name)
-        for where, k in _variant_kernels(v):
-            if k not in names:
-                out.append(f"variant {v.name!r} uses kernel {k!r} ({where}), which no spec "
-                           f"defines")
+        for scheme, roles in v.kernels.items():
+            for role, k in roles.items():
+                if k not in by:
+                    out.append(f"variant {v.name!r} uses kernel {k!r} ({scheme}/{role.value}), "
+                               f"which no spec defines")
+            pads = [by[k].constexprs["TOPK_PAD"] for k in roles.values()
+                    if k in by and "TOPK_PAD" in by[k].constexprs]
+            if pads and v.max_topk != min(pads):
+                out.append(f"variant {v.name!r} ({scheme}) declares max_topk={v.max_topk}; its "
+                           f"kernels hold {min(pads)} top-k slots")
+            s1 = by.get(roles.get(Role.STAGE1, ""))
+            if s1 is not None and v.block_m != s1.constexprs.get("BLOCK_M", 0):
+                out.append(f"variant {v.name!r} ({scheme}) declares block_m={v.block_m}; its "
+                           f"stage 1 is built with BLOCK_M={s1.constexprs.get('BLOCK_M', 0)}")
     return out
 
 
-def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+def read_manifest(out_dir: Path) -> ManifestDoc | None:
     p = out_dir / MANIFEST_NAME
     if not p.is_file():
         return None
     try:
-        data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
+        return ManifestDoc.parse(json.loads(p.read_text()), str(p))
+    except (OSError, json.JSONDecodeError, ManifestError):
         return None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        return None
-    return data
 
 
 def _package_version() -> str:
@@ -515,27 +341,23 @@ def _package_version() -> str:
         return "unknown"
 
 
-def _file_ok(out_dir: Path, entry: dict[str, Any]) -> bool:
-    path = out_dir / entry.get("file", "")
+def _file_ok(out_dir: Path, entry: ObjectEntry) -> bool:
+    path = out_dir / entry.file
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest() == entry.get("sha256")
+        return hashlib.sha256(path.read_bytes()).hexdigest() == entry.sha256
     except OSError:
         return False
 
 
-def _variants_json(variants: Sequence[PipelineVariant]) -> list[dict[str, Any]]:
-    return json.loads(json.dumps([dataclasses.asdict(v) for v in variants]))
-
-
-def _compiler_info(objects: list[dict[str, Any]]) -> dict[str, Any]:
+def _compiler_info(objects: list[ObjectEntry]) -> dict[str, Any]:
     info: dict[str, Any] = {"triton": triton_version()}
     for o in objects:
-        cv = o.get("compiler_version", "")
-        if o["target"] == "sm_90a" and "ptxas" not in info:
+        cv = o.compiler_version
+        if TARGETS[o.target].backend == "cuda" and "ptxas" not in info:
             m = re.search(r"ptxas (\S+)", cv)
             if m:
                 info["ptxas"] = m.group(1)
-        elif o["target"] != "sm_90a" and "llvm" not in info:
+        elif TARGETS[o.target].backend != "cuda" and "llvm" not in info:
             _, _, rest = cv.partition(", ")
             if rest:
                 info["llvm"] = rest
@@ -572,7 +394,7 @@ def _check_interpret() -> None:
 
 
 def build(out_dir: str | os.PathLike | None = None, *, specs: Sequence[KernelSpec] | None = None,
-          variants: Sequence[PipelineVariant] | None = None,
+          variants: Sequence[Variant] | None = None,
           targets: Iterable[str] | None = None, kernels: Iterable[str] | None = None,
           families: Iterable[str] | None = None, jobs: int | None = None, force: bool = False,
           progress: bool = True, log: Callable[[str], None] = print) -> BuildReport:
@@ -584,16 +406,16 @@ def build(out_dir: str | os.PathLike | None = None, *, specs: Sequence[KernelSpe
     report = BuildReport(out)
     report.problems += variant_problems(specs, variants)
     keys = KeyMaker()
-    old = read_manifest(out) or {}
-    old_by = {(o["name"], o["target"]): o for o in old.get("objects", [])}
+    old = read_manifest(out)
+    old_by = {(o.name, o.target): o for o in (old.objects if old else ())}
 
     todo: list[Job] = []
-    new_by: dict[tuple[str, str], dict[str, Any]] = {}
+    new_by: dict[tuple[str, str], ObjectEntry] = {}
     for spec, target in chosen:
         job = Job(spec, target, keys.key(spec, target))
         prev = old_by.get((spec.name, target.name))
-        if (not force and prev is not None and prev.get("cache_key") == job.key
-                and prev.get("file") == job.file and _file_ok(out, prev)):
+        if (not force and prev is not None and prev.cache_key == job.key
+                and prev.file == job.file and _file_ok(out, prev)):
             new_by[(spec.name, target.name)] = prev
             report.reused.append((spec.name, target.name))
         else:
@@ -605,8 +427,9 @@ def build(out_dir: str | os.PathLike | None = None, *, specs: Sequence[KernelSpe
         for job, (status, a, b) in zip(todo, results, strict=True):
             pair = (job.name, job.target.name)
             if status == "ok":
-                _atomic_write(out / a["file"], b)
-                new_by[pair] = a
+                entry = ObjectEntry.from_json(a, "build")
+                _atomic_write(out / entry.file, b)
+                new_by[pair] = entry
                 report.compiled.append(pair)
             else:
                 report.failures.append(Failure(job.name, job.target.name, a))
@@ -621,9 +444,9 @@ def build(out_dir: str | os.PathLike | None = None, *, specs: Sequence[KernelSpe
         if pair in wanted:
             new_by[pair] = o
         else:
-            report.removed.append(o.get("file", f"{pair[1]}/{pair[0]}"))
+            report.removed.append(o.file)
     objects = [new_by[k] for k in sorted(new_by)]
-    keep_files = {o["file"] for o in objects}
+    keep_files = {o.file for o in objects}
     for t in TARGETS.values():
         d = out / t.name
         if d.is_dir():
@@ -635,14 +458,11 @@ def build(out_dir: str | os.PathLike | None = None, *, specs: Sequence[KernelSpe
                         report.removed.append(rel)
             with contextlib.suppress(OSError):
                 d.rmdir()  # only if empty
-    manifest = {
-        "schema": SCHEMA,
-        "package_version": _package_version(),
-        "compiler": _compiler_info(objects) if objects else {"triton": triton_version()},
-        "objects": objects,
-        "variants": _variants_json(variants),
-    }
-    _atomic_write(out / MANIFEST_NAME, dump_manifest(manifest).encode())
+    manifest = ManifestDoc(
+        package_version=_package_version(),
+        compiler=_compiler_info(objects) if objects else {"triton": triton_version()},
+        objects=tuple(objects), variants=tuple(variants))
+    _atomic_write(out / MANIFEST_NAME, dump_manifest(manifest.to_json()).encode())
     for f in report.failures:
         log(f"FAILED {f}")
     for p in report.problems:
@@ -652,6 +472,8 @@ def build(out_dir: str | os.PathLike | None = None, *, specs: Sequence[KernelSpe
 
 def _run_jobs(todo: list[Job], jobs: int, progress: bool) -> list[tuple[str, Any, Any]]:
     from tqdm import tqdm
+
+    from kernels.compile import _init_worker, compile_payload
 
     with tempfile.TemporaryDirectory(prefix="vllm-moe-aot-triton-cache-") as cache_dir:
         payloads = [j.payload(cache_dir) for j in todo]
@@ -688,7 +510,7 @@ def _run_jobs(todo: list[Job], jobs: int, progress: bool) -> list[tuple[str, Any
 
 
 def check(out_dir: str | os.PathLike | None = None, *, specs: Sequence[KernelSpec] | None = None,
-          variants: Sequence[PipelineVariant] | None = None,
+          variants: Sequence[Variant] | None = None,
           targets: Iterable[str] | None = None, kernels: Iterable[str] | None = None,
           families: Iterable[str] | None = None) -> list[str]:
     """Everything that a build would change, without compiling; empty when current."""
@@ -699,32 +521,32 @@ def check(out_dir: str | os.PathLike | None = None, *, specs: Sequence[KernelSpe
     data = read_manifest(out)
     if data is None:
         return problems + [f"no readable schema-{SCHEMA} manifest at {out / MANIFEST_NAME}"]
-    if data.get("package_version") != _package_version():
-        problems.append(f"manifest package_version {data.get('package_version')!r} != "
+    if data.package_version != _package_version():
+        problems.append(f"manifest package_version {data.package_version!r} != "
                         f"{_package_version()!r}")
-    if data.get("variants") != _variants_json(variants):
+    if data.variants != tuple(variants):
         problems.append("manifest variants differ from kernels.registry.all_variants()")
-    by = {(o["name"], o["target"]): o for o in data.get("objects", [])}
+    by = {(o.name, o.target): o for o in data.objects}
     keys = KeyMaker()
     for spec, target in chosen:
         o = by.get((spec.name, target.name))
         what = f"{spec.name} [{target.name}]"
         if o is None:
             problems.append(f"missing: {what}")
-        elif o.get("cache_key") != keys.key(spec, target):
+        elif o.cache_key != keys.key(spec, target):
             problems.append(f"stale: {what} (sources, spec, Triton {keys.triton} or target "
                             f"changed)")
         elif not _file_ok(out, o):
-            problems.append(f"bad file: {what} ({o.get('file')} missing or its sha256 differs)")
+            problems.append(f"bad file: {what} ({o.file} missing or its sha256 differs)")
     wanted = desired_pairs(specs)
     for pair, o in sorted(by.items()):
         if pair not in wanted:
-            problems.append(f"orphan: {pair[0]} [{pair[1]}] (no spec; {o.get('file')})")
+            problems.append(f"orphan: {pair[0]} [{pair[1]}] (no spec; {o.file})")
     return problems
 
 
 def listing(specs: Sequence[KernelSpec] | None = None,
-            variants: Sequence[PipelineVariant] | None = None,
+            variants: Sequence[Variant] | None = None,
             targets: Iterable[str] | None = None, kernels: Iterable[str] | None = None,
             families: Iterable[str] | None = None) -> str:
     specs, variants = _load_specs(specs, variants)
@@ -732,9 +554,10 @@ def listing(specs: Sequence[KernelSpec] | None = None,
     tsel = _split(targets)
     lines = [f"variants ({len(variants)}):"]
     for v in variants:
-        schemes = [k for k, val in v.kernels.items() if isinstance(val, dict)]
-        ks = sorted({k for _, k in _variant_kernels(v)})
-        lines.append(f"  {v.name:28s} {v.regime:8s} a8={'yes' if v.quantize_activations else 'no'}"
+        schemes = v.schemes
+        ks = v.kernel_names()
+        lines.append(f"  {v.name:28s} {v.regime.value:8s} "
+                     f"a8={'yes' if v.quantize_activations else 'no'}"
                      + (f" schemes={','.join(schemes)}" if schemes else ""))
         lines.append(f"      kernels: {' '.join(ks)}")
     names = sorted({s.name for s, _ in chosen})

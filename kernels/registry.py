@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from kernels.spec import KernelSpec, PipelineVariant
+from kernels.spec import KernelSpec
+from vllm_moe_aot.contract import Variant
 
 
 def all_specs() -> list[KernelSpec]:
-    from kernels import moe, smoke
+    from kernels import smoke, tune_space
 
-    specs = [*smoke.SPECS, *moe.SPECS]
+    specs = [*smoke.SPECS, *tune_space.SPECS]
     names = [s.name for s in specs]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -16,7 +17,7 @@ def all_specs() -> list[KernelSpec]:
     return specs
 
 
-def all_variants() -> list[PipelineVariant]:
-    from kernels import moe
+def all_variants() -> list[Variant]:
+    from kernels import tune_space
 
-    return list(moe.VARIANTS)
+    return list(tune_space.VARIANTS)

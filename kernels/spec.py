@@ -4,6 +4,7 @@ A :class:`KernelSpec` names one Triton ``@jit`` function plus everything that ma
 compilation explicit: the ordered non-constexpr signature, constexpr values, divisibility hints
 and launch options. The build compiles each spec for each target in :data:`TARGETS` and records
 the result in ``manifest.json``; the runtime and the pipeline only ever read the manifest.
+Targets and variants are the contract's (:mod:`vllm_moe_aot.contract`).
 
 Type strings are Triton's (``*bf16``, ``*fp32``, ``i32``, ``i64``, ``fp32`` ...). The placeholder
 ``*fp8`` stands for the target's FP8 e4m3 flavour (``*fp8e4nv`` on sm_90a and gfx950,
@@ -16,23 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from vllm_moe_aot.contract import TARGETS, Target, Variant
 
-@dataclass(frozen=True)
-class Target:
-    name: str  # "sm_90a", "gfx942", "gfx950"
-    backend: str  # "cuda" | "hip"
-    arch: int | str  # 90 | "gfx942"
-    warp_size: int
-    fp8_type: str  # Triton pointer element type for e4m3 on this target
-    fp8_max: float
-    suffix: str  # code-object file suffix
-
-
-TARGETS: dict[str, Target] = {
-    "sm_90a": Target("sm_90a", "cuda", 90, 32, "fp8e4nv", 448.0, "cubin"),
-    "gfx942": Target("gfx942", "hip", "gfx942", 64, "fp8e4b8", 240.0, "hsaco"),
-    "gfx950": Target("gfx950", "hip", "gfx950", 64, "fp8e4nv", 448.0, "hsaco"),
-}
+__all__ = ["FP8_MAX", "FP8_PTR", "ON_CUDA", "TARGETS", "KernelSpec", "PipelineVariant", "Target"]
 
 #: signature placeholder replaced by the target's fp8 pointer type
 FP8_PTR = "*fp8"
@@ -97,26 +84,5 @@ class KernelSpec:
         return sig, consts
 
 
-@dataclass(frozen=True)
-class PipelineVariant:
-    """A whole-layer variant the dispatch table can name: a regime plus the kernels it runs.
-
-    ``kernels`` maps a scheme value (:class:`vllm_moe_aot.shapes.Scheme`) to the kernels run for
-    that scheme, by stage role (``"stage1"``, ``"stage2"``, ``"prep"`` ...) -> :class:`KernelSpec`
-    name; the schemes a variant implements are its keys. ``max_n`` bounds N per scheme where a
-    stage needs a whole row of N in one tile (dynamic re-quantisation in the stage-1 epilogue).
-    ``quantize_activations`` says which reference semantics the variant matches (False: W8A16,
-    activations kept in fp32). ``max_tokens`` is the largest batch the variant is meant for:
-    the tuner does not try it beyond (it would be correct, only pointlessly slow).
-    ``tolerance`` is the relative error against the float64 reference the variant is held to
-    in tests: 1e-2 by default; variants that chain Hopper's reduced-precision fp8 MMA
-    accumulator over all of K (like vLLM's stock kernel) declare the product gate instead.
-    """
-
-    name: str
-    regime: str  # "gemv" (single token and decode) | "grouped" (prefill)
-    kernels: dict[str, dict[str, str]]
-    quantize_activations: bool
-    max_n: dict[str, int] = field(default_factory=dict)
-    max_tokens: int = 1 << 30
-    tolerance: float = 1e-2
+#: the variant type is the contract's (kept under its old name for the build's callers)
+PipelineVariant = Variant

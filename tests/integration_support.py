@@ -112,18 +112,14 @@ def fake_ops(monkeypatch):
 @pytest.fixture
 def plugin_on(monkeypatch):
     """``VLLM_MOE_BACKEND=asmjit_aot`` and the plugin registered; undone afterwards."""
-    from vllm_moe_aot import BACKEND_NAME
-    from vllm_moe_aot.integration import ENV_VAR, _reset_log_once, metadata, plugin
+    from vllm_moe_aot import BACKEND_NAME, caches
+    from vllm_moe_aot.integration import ENV_VAR, plugin
 
     monkeypatch.setenv(ENV_VAR, BACKEND_NAME)
-    _reset_log_once()
-    metadata.clear_caches()
-    plugin._reset()
+    caches.clear_all()
     plugin.register()
     yield
-    plugin._reset()
-    metadata.clear_caches()
-    _reset_log_once()
+    caches.clear_all()
 
 
 class Captured:

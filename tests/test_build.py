@@ -23,6 +23,7 @@ from tests._aot_helpers import (
     smoke_artifacts,
 )
 from vllm_moe_aot.cli import main as cli_main
+from vllm_moe_aot.contract import SCHEMA
 from vllm_moe_aot.runtime import CodeObject, Manifest
 from vllm_moe_aot.runtime.elf import kernel_params
 
@@ -46,7 +47,7 @@ def test_manifest_schema():
     d = smoke_artifacts()
     m = load_json(d)
     assert set(m) == {"schema", "package_version", "compiler", "objects", "variants"}
-    assert m["schema"] == 1 and m["package_version"]
+    assert m["schema"] == SCHEMA and m["package_version"]
     assert m["compiler"]["triton"] == triton.__version__
     assert m["compiler"]["ptxas"] and "LLD" in m["compiler"]["llvm"]
     assert isinstance(m["variants"], list)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.moe import _to_fp8
+from kernels.common import _to_fp8
 
 
 @triton.jit

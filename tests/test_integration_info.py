@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from vllm_moe_aot import BACKEND_NAME, __version__, info
+from vllm_moe_aot.contract import SCHEMA
 from vllm_moe_aot.shapes import PRESETS, Scheme
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +87,7 @@ def _manifest(path: Path, targets: list[str]) -> Path:
     objects = [{"name": f"k{i}", "target": t, "file": f"{t}/k{i}.bin", "symbol": f"k{i}",
                 "params": [], "num_warps": 4, "threads_per_block": 128, "shared": 0,
                 "sha256": "0" * 64} for i, t in enumerate(targets)]
-    path.write_text(json.dumps({"schema": 1, "package_version": __version__, "compiler": {},
+    path.write_text(json.dumps({"schema": SCHEMA, "package_version": __version__, "compiler": {},
                                 "objects": objects, "variants": []}))
     return path
 

@@ -198,9 +198,9 @@ def test_pdl_only_after_the_first_kernel_of_a_chain(monkeypatch, variant, pdl):
     for role, stage in moe._stages[variant].items():
         real = stage.kernel.launch
 
-        def spy(grid, *args, _role=role, _real=real, pdl=False):
+        def spy(grid, *args, _role=role, _real=real, pdl=False, **named):
             seen.append((_role, pdl))
-            return _real(grid, *args, pdl=pdl)
+            return _real(grid, *args, pdl=pdl, **named)
 
         monkeypatch.setattr(stage.kernel, "launch", spy)
     run_and_check(moe, variant, make(SMALL, Scheme.FP8_PTPC, 5, seed=14))

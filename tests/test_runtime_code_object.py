@@ -11,6 +11,7 @@ import struct
 import pytest
 
 from tests._aot_helpers import copy_smoke_artifacts, smoke_artifacts
+from vllm_moe_aot.contract import SCHEMA
 from vllm_moe_aot.runtime import CodeObject, CodeObjectError, Manifest, ManifestError
 from vllm_moe_aot.runtime.elf import (
     EM_AMDGPU,
@@ -147,7 +148,8 @@ def test_manifest_errors(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"schema": 99, "objects": []}))
     with pytest.raises(ManifestError, match="schema 99"):
         Manifest.load(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({"schema": 1, "objects": [{"name": "x"}]}))
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"schema": SCHEMA, "objects": [{"name": "x"}]}))
     with pytest.raises(ManifestError, match="lacks"):
         Manifest.load(tmp_path)
 

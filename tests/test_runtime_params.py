@@ -92,3 +92,19 @@ def test_arity_error_lists_the_signature():
 def test_unsupported_scalar_type():
     with pytest.raises(CodeObjectError, match="not supported"):
         ParamPack("k", ["h"], ["bf16"], 0)
+
+
+def test_arguments_bind_by_name():
+    """Launch arguments are bound to the manifest's parameter names: order does not matter,
+    and a wrong or missing name is an error that names it (swapped pointers cannot pass)."""
+    pack = ParamPack("k", ["x_ptr", "y_ptr", "n", "global_scratch"],
+                     ["*fp32", "*fp32", "i32", "*i8"], 1)
+    pack.write(y_ptr=16, x_ptr=32, n=3)
+    assert (pack.struct.f0, pack.struct.f1, pack.struct.f2) == (32, 16, 3)
+    pack.write(48, n=5, y_ptr=64)  # positional in the artifact's order, then by name
+    assert (pack.struct.f0, pack.struct.f1, pack.struct.f2) == (48, 64, 5)
+    with pytest.raises(TypeError):
+        pack.write(x_ptr=1, z_ptr=2, n=3)
+    err = pack.binding_error((), {"x_ptr": 1, "z_ptr": 2, "n": 3})
+    assert "missing ['y_ptr']" in str(err) and "unknown ['z_ptr']" in str(err)
+    assert pack.binding_error((1,), {"y_ptr": 2, "n": 3}) is None

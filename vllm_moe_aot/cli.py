@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> (module, help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "build": ("vllm_moe_aot.build_cli", "compile kernel variants into code objects + manifest"),
-    "info": ("vllm_moe_aot.info", "show platform, code objects, configs and dispatch"),
+    "info": ("vllm_moe_aot.info_cli", "show platform, code objects, configs and dispatch"),
     "bench": ("vllm_moe_aot.bench", "benchmark the AOT pipeline against stock and the floors"),
     "tune": ("vllm_moe_aot.tuner", "tune per-batch-size dispatch end to end, write tuned CSV"),
 }
@@ -31,7 +32,16 @@ def main(argv: list[str] | None = None) -> int:
         if name == chosen:
             importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
-    return int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0)
+    try:
+        status = int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (``vllm-moe-aot info | head``): stop quietly, as cat does.
+        # Point stdout at devnull so the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -1,32 +1,35 @@
-"""``vllm-moe-aot info``: platform, code objects, tuned configs and the dispatch they give.
+"""What ``vllm-moe-aot info`` reports: platform, code objects, tuned configs and dispatch.
+
+The library the command (:mod:`vllm_moe_aot.info_cli`) and the vLLM plugin read.
 
 Also the one place that says which GPU this is in the names the build and the configs use
-(:func:`detect_platform`, :func:`device_identity`); the vLLM plugin logs :func:`summary_line`.
+(:func:`detect_platform`, from :func:`vllm_moe_aot.device.identify`); the vLLM plugin logs
+:func:`summary_line`.
 Imports neither vLLM nor Triton: it works on a machine with neither, and without a GPU.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.metadata
 import os
-import platform
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from vllm_moe_aot import BACKEND_NAME, __version__
-from vllm_moe_aot.integration import CONFIG_DIR_ENV, ENV_VAR  # vLLM-free constants
-from vllm_moe_aot.shapes import PRESETS, MoEShape, Preset, Scheme
+from vllm_moe_aot import BACKEND_NAME, __version__, caches
+from vllm_moe_aot.contract import INTERPRETER as INTERPRETER_ARCH
+from vllm_moe_aot.device import cuda_arch, identify
+from vllm_moe_aot.integration import CONFIG_DIR_ENV  # vLLM-free constants
+from vllm_moe_aot.shapes import MoEShape, Scheme
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SHIPPED_CONFIG_DIR = PACKAGE_DIR / "configs"
 
-#: arch name of the CPU path: kernels run from their Triton sources in the interpreter
-INTERPRETER_ARCH = "interpreter"
+__all__ = ["INTERPRETER_ARCH", "SHIPPED_CONFIG_DIR", "PlatformInfo", "code_objects_per_target",
+           "config_dir", "config_dir_arg", "cuda_arch", "describe_dispatch", "detect_platform",
+           "devices_in_configs", "manifest_path", "platform_info", "read_code_objects",
+           "summary_line", "tuned_config_files"]
 
 
 @dataclass(frozen=True)
@@ -50,25 +53,6 @@ class PlatformInfo:
         return self.device is not None and self.device.type == "cuda"
 
 
-def cuda_arch(major: int, minor: int) -> str:
-    """Build-target name of a CUDA capability: 9.0 is ``sm_90a``, others ``sm_XY``."""
-    return "sm_90a" if (major, minor) == (9, 0) else f"sm_{major}{minor}"
-
-
-def device_identity(device: torch.device) -> tuple[str, str]:
-    """``(device name, arch)`` for a GPU, in the names tuned configs are keyed by.
-
-    ROCm gives its gfx name without feature suffixes (``gfx942``). The CPU is
-    ``("cpu", "interpreter")``. Initialises CUDA: call it where the GPU is in use already.
-    """
-    if device.type != "cuda":
-        return "cpu", INTERPRETER_ARCH
-    props = torch.cuda.get_device_properties(device)
-    if torch.version.hip:
-        return props.name, str(getattr(props, "gcnArchName", "gfx")).split(":")[0]
-    return props.name, cuda_arch(props.major, props.minor)
-
-
 def platform_info(device: torch.device, gpu_name: str, arch: str) -> PlatformInfo:
     """A GPU is supported when the manifest holds code objects for its arch."""
     if device.type != "cuda":
@@ -90,7 +74,8 @@ def detect_platform(device: torch.device | None = None) -> PlatformInfo:
     if device is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     if device is not None and device.type == "cuda":
-        return platform_info(device, *device_identity(device))
+        ident = identify(device)
+        return platform_info(device, ident.name, ident.arch)
     if os.environ.get("TRITON_INTERPRET") == "1":
         return platform_info(torch.device("cpu"), "cpu", INTERPRETER_ARCH)
     return PlatformInfo(None, None, None, False, "no GPU")
@@ -108,6 +93,9 @@ def _manifest_counts(path: str, mtime_ns: int) -> tuple[tuple[tuple[str, int], .
     for entry in manifest.objects:
         counts[entry.target] = counts.get(entry.target, 0) + 1
     return tuple(sorted(counts.items())), ""
+
+
+caches.register("info.manifest_counts", _manifest_counts.cache_clear)
 
 
 def manifest_path() -> Path:
@@ -167,8 +155,6 @@ def summary_line(info: PlatformInfo | None = None) -> str:
             f"code objects per target: {objects}; tuned configs in {directory}: {configs}")
 
 
-# --- the subcommand -------------------------------------------------------------------------
-
 def devices_in_configs(files: list[Path], shape: MoEShape | None = None,
                        scheme: Scheme | None = None) -> list[tuple[str, str]]:
     """Distinct ``(device name, arch)`` pairs the tuned CSVs hold rows for (for ``shape`` and
@@ -204,83 +190,3 @@ def describe_dispatch(shape: MoEShape, scheme: Scheme, gpu_name: str, arch: str,
     n_aot = sum(1 for _, c in rows if c != "stock")
     lines.append(f"{n_aot} of {len(rows)} tuned M buckets go to the AOT pipeline")
     return lines
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", action="append", choices=sorted(PRESETS),
-                        help="only this preset (repeatable; default: all)")
-    parser.add_argument("--config-dir", default=None,
-                        help=f"tuned CSV directory (default: ${CONFIG_DIR_ENV} or the shipped "
-                             "configs)")
-    parser.add_argument("--manifest", default=None, help="manifest.json to read "
-                        "(default: the installed package's)")
-
-
-def run(args: argparse.Namespace) -> int:
-    out = sys.stdout
-    torch_build = (f"CUDA {torch.version.cuda}" if torch.version.cuda else
-                   f"HIP {torch.version.hip}" if torch.version.hip else "CPU")
-    print(f"vllm-moe-aot {__version__}", file=out)
-    print(f"platform: {platform.system()} {platform.machine()}, python "
-          f"{platform.python_version()}, torch {torch.__version__} ({torch_build}), triton "
-          f"{_version('triton')}, vllm {_version('vllm')}", file=out)
-    env_value = os.environ.get(ENV_VAR)
-    state = ("on" if env_value == BACKEND_NAME else
-             "off (unset)" if not env_value else f"off (unknown value {env_value!r})")
-    print(f"vLLM backend: {ENV_VAR}={env_value or ''} -> {state}"
-          + ("" if env_value == BACKEND_NAME else f"; set {ENV_VAR}={BACKEND_NAME} to use it"),
-          file=out)
-
-    manifest = Path(args.manifest) if args.manifest else manifest_path()
-    counts, problem = read_code_objects(manifest)
-    info = detect_platform()
-    if info.has_gpu:
-        verdict = "supported" if counts.get(info.arch) else "not supported (no code objects)"
-        print(f"GPU: {info.gpu_name}, arch {info.arch}: {verdict}", file=out)
-    else:
-        print("GPU: no GPU: showing every GPU the tuned configs hold rows for", file=out)
-
-    print(f"code objects ({manifest}):", file=out)
-    for target, n in sorted(counts.items()):
-        mark = "  <- this GPU" if info.has_gpu and target == info.arch else ""
-        print(f"  {target:<8} {n}{mark}", file=out)
-    if not counts:
-        print(f"  none: {problem or 'the manifest lists no code objects'}", file=out)
-
-    directory = config_dir(args.config_dir)
-    files = tuned_config_files(directory)
-    print(f"tuned configs ({directory}):", file=out)
-    for path in files:
-        print(f"  {path.name}", file=out)
-    if not files:
-        print("  none", file=out)
-
-    status = 0
-    for name in args.preset or sorted(PRESETS):
-        preset: Preset = PRESETS[name]
-        print(f"preset {preset.name} ({preset.model}): {preset.shape} {preset.scheme.value}",
-              file=out)
-        if info.has_gpu:
-            devices = [(info.gpu_name, info.arch)]
-        else:
-            devices = devices_in_configs(files, preset.shape, preset.scheme)
-            if not devices:
-                print("  no tuned rows for any GPU: every M runs stock", file=out)
-        for gpu_name, arch in devices:
-            print(f"  {gpu_name} ({arch}):", file=out)
-            try:
-                lines = describe_dispatch(preset.shape, preset.scheme, gpu_name, arch,
-                                          config_dir_arg(args.config_dir))
-            except Exception as exc:  # report it and go on with the other presets
-                lines = [f"cannot build the dispatch table: {type(exc).__name__}: {exc}"]
-                status = 1
-            for line in lines:
-                print(f"    {line}", file=out)
-    return status

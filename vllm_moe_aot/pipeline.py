@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from vllm_moe_aot import caches
+from vllm_moe_aot.contract import Regime, Role, Variant, fp8_dtype_name
 from vllm_moe_aot.shapes import MoEShape, Scheme, unsupported_reason
 
 #: Token chunk the workspace is sized for when a caller asks for more.
@@ -36,7 +38,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _fp8_dtype(target: str) -> torch.dtype:
-    return torch.float8_e4m3fnuz if target == "gfx942" else torch.float8_e4m3fn
+    return getattr(torch, fp8_dtype_name(target))
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,11 @@ class Workspace:
         self.acc = torch.empty(tokens, K, **f32)  # atomic stage 2's accumulator
 
     @classmethod
+    def clear_cache(cls) -> None:
+        with cls._lock:
+            cls._cache.clear()
+
+    @classmethod
     def get(cls, shape: MoEShape, device: torch.device, tokens: int, max_block_m: int,
             fp8: torch.dtype) -> Workspace:
         key = (str(device), shape, tokens, max_block_m, fp8)
@@ -85,6 +92,9 @@ class Workspace:
             if ws is None:
                 ws = cls._cache[key] = cls(shape, device, tokens, max_block_m, fp8)
             return ws
+
+
+caches.register("pipeline.Workspace", Workspace.clear_cache)
 
 
 class FusedMoE:
@@ -115,26 +125,23 @@ class FusedMoE:
             runtime = Runtime.get(self.device)
         self.runtime = runtime
         self.fp8 = _fp8_dtype(self.runtime.target)
-        self._variants: dict[str, dict] = {}
-        self._stages: dict[str, dict[str, _Stage]] = {}
+        #: the variants that serve this layer, and why each other one does not
+        self._variants: dict[str, Variant] = {}
+        self.skipped: dict[str, str] = {}
+        self._stages: dict[str, dict[Role, _Stage]] = {}
         for v in self.runtime.manifest.variants:
-            kernels = v["kernels"].get(scheme.value)
-            if kernels is None or shape.N > v.get("max_n", {}).get(scheme.value, shape.N):
+            why = v.serves(shape, scheme)
+            if why is not None:
+                self.skipped[v.name] = why
                 continue
-            # a kernel that holds top-k slots in a TOPK_PAD-wide tile serves topk <= TOPK_PAD
-            pads = [self.runtime.manifest.constexprs(k).get("TOPK_PAD", shape.topk)
-                    for k in kernels.values()]
-            if shape.topk > min(pads):
-                continue
-            self._variants[v["name"]] = v
-            self._stages[v["name"]] = {
+            self._variants[v.name] = v
+            self._stages[v.name] = {
                 role: _Stage(self.runtime.kernel(k), self.runtime.manifest.constexprs(k))
-                for role, k in kernels.items()}
+                for role, k in v.chain(scheme).items()}
         if not self._variants:
             raise ValueError(f"no compiled variant serves {shape} {scheme.value} on "
                              f"{self.runtime.target}")
-        max_bm = max([st["stage1"].consts.get("BLOCK_M", 16)
-                      for st in self._stages.values()] + [16])
+        max_bm = max([v.block_m for v in self._variants.values()] + [16])
         self.chunk = min(max_tokens, MAX_CHUNK_TOKENS)
         self.ws = Workspace.get(shape, self.device, self.chunk, max_bm, self.fp8)
 
@@ -144,38 +151,39 @@ class FusedMoE:
 
     def variants_for(self, tokens: int) -> list[str]:
         """Variants meant for a batch of ``tokens`` (every variant is correct at any size)."""
-        return [n for n, v in self._variants.items() if tokens <= v.get("max_tokens", tokens)]
+        return [n for n, v in self._variants.items() if v.means_tokens(tokens)]
+
+    def variant(self, name: str) -> Variant:
+        """The typed variant ``name`` (ValueError if it does not serve this layer)."""
+        try:
+            return self._variants[name]
+        except KeyError:
+            raise ValueError(f"unknown variant {name!r} for {self.shape} "
+                             f"{self.scheme.value}; available: {', '.join(self._variants)}"
+                             ) from None
 
     def regime(self, variant: str) -> str:
-        return self._variant(variant)["regime"]
+        return self.variant(variant).regime.value
 
     def quantize_activations(self, variant: str) -> bool:
         """Which reference semantics ``variant`` computes (False: W8A16)."""
-        return bool(self._variant(variant)["quantize_activations"])
+        return self.variant(variant).quantize_activations
 
     def tolerance(self, variant: str) -> float:
         """Relative error vs the float64 reference ``variant`` is held to in tests."""
-        return float(self._variant(variant).get("tolerance", 1e-2))
-
-    def _variant(self, variant: str) -> dict:
-        try:
-            return self._variants[variant]
-        except KeyError:
-            raise ValueError(f"unknown variant {variant!r} for {self.shape} "
-                             f"{self.scheme.value}; available: {', '.join(self._variants)}"
-                             ) from None
+        return self.variant(variant).tolerance
 
     def run(self, variant: str, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
             w13_scale: torch.Tensor, w2_scale: torch.Tensor, topk_weights: torch.Tensor,
             topk_ids: torch.Tensor, out: torch.Tensor, a13_scale: torch.Tensor | None = None,
             a2_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Compute the layer into ``out`` (see the module docstring for the contract)."""
-        v = self._variant(variant)
+        v = self.variant(variant)
         stages = self._stages[variant]
         M = x.shape[0]
         self._check(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, out,
                     a13_scale, a2_scale)
-        launch = self._run_gemv if v["regime"] == "gemv" else self._run_grouped
+        launch = self._run_gemv if v.regime is Regime.GEMV else self._run_grouped
         for c0 in range(0, M, self.chunk):
             c1 = min(M, c0 + self.chunk)
             launch(stages, x[c0:c1], w13, w2, w13_scale, w2_scale, topk_weights[c0:c1],
@@ -185,56 +193,67 @@ class FusedMoE:
     def _run_gemv(self, st, x, w13, w2, w13_scale, w2_scale, tw, ids, out, a13, a2):
         M = x.shape[0]
         s = self.shape
-        s1, s2 = st["stage1"], st["stage2"]
+        s1, s2 = st[Role.STAGE1], st[Role.STAGE2]
         act = self.ws.act
         s1.kernel.launch((M * s.topk, _cdiv(s.N, s1.consts["BLOCK_N"]), 1),
-                         x, w13, w13_scale, ids, act, s.N, s.K, s.topk)
+                         x_ptr=x, w13_ptr=w13, w13_scale_ptr=w13_scale, topk_ids_ptr=ids,
+                         act_ptr=act, N=s.N, K=s.K, topk=s.topk)
         # programmatic dependent launch where stage 2 waits on stage 1 in-kernel (USE_GDC);
         # without it the attribute would let stage 2 read the intermediate too early
         s2.kernel.launch((M, _cdiv(s.K, s2.consts["BLOCK_K"]), 1),
-                         act, w2, w2_scale, ids, tw, out, s.N, s.K, s.topk,
+                         act_ptr=act, w2_ptr=w2, w2_scale_ptr=w2_scale, topk_ids_ptr=ids,
+                         topk_weights_ptr=tw, out_ptr=out, N=s.N, K=s.K, topk=s.topk,
                          pdl=self.pdl and bool(s2.consts.get("USE_GDC")))
 
     def _run_grouped(self, st, x, w13, w2, w13_scale, w2_scale, tw, ids, out, a13, a2):
         M = x.shape[0]
         s, ws = self.shape, self.ws
         pairs = M * s.topk
-        bm = st["stage1"].consts["BLOCK_M"]
+        bm = st[Role.STAGE1].consts["BLOCK_M"]
         blocks = _cdiv(pairs + min(pairs, s.E) * (bm - 1), bm)
         # kernels compiled with USE_GDC wait in-kernel for their predecessor, so each after
         # the first is launched with programmatic dependent launch (its launch overlaps the
         # predecessor's tail); prep, first of the chain, is launched plainly
         pdl = {role: self.pdl and bool(stage.consts.get("USE_GDC"))
                for role, stage in st.items()}
-        st["prep"].kernel.launch((M, 1, 1), x, ws.xq, ws.a_scale, a13, ids, ws.counts,
-                                 ws.acc, s.K, s.topk)
+        rows = dict(sorted_ids_ptr=ws.sorted_ids, block_expert_ptr=ws.block_expert,
+                    total_ptr=ws.total)
+        st[Role.PREP].kernel.launch((M, 1, 1), x_ptr=x, xq_ptr=ws.xq, a_scale_ptr=ws.a_scale,
+                                    static_scale_ptr=a13, topk_ids_ptr=ids,
+                                    counts_ptr=ws.counts, acc_ptr=ws.acc, K=s.K, topk=s.topk)
         try:
-            st["align"].kernel.launch((s.E, 1, 1), ws.counts, ws.cursor, ws.block_expert,
-                                      ws.sorted_ids, ws.total, s.E, pairs, pdl=pdl["align"])
-            st["scatter"].kernel.launch((_cdiv(pairs, st["scatter"].consts["BLOCK"]), 1, 1),
-                                        ids, ws.cursor, ws.sorted_ids, ws.counts, pairs, s.E,
-                                        pdl=pdl["scatter"])
+            st[Role.ALIGN].kernel.launch((s.E, 1, 1), counts_ptr=ws.counts,
+                                         cursor_ptr=ws.cursor, **rows, E=s.E,
+                                         num_pairs=pairs, pdl=pdl[Role.ALIGN])
+            sc = st[Role.SCATTER]
+            sc.kernel.launch((_cdiv(pairs, sc.consts["BLOCK"]), 1, 1), topk_ids_ptr=ids,
+                             cursor_ptr=ws.cursor, sorted_ids_ptr=ws.sorted_ids,
+                             counts_ptr=ws.counts, num_pairs=pairs, E=s.E,
+                             pdl=pdl[Role.SCATTER])
         except BaseException:
             # prep has counted this call's experts and scatter never cleared them: restore
             # the all-zero histogram the next call (of any layer sharing it) relies on
             with contextlib.suppress(Exception):
                 ws.counts.zero_()
             raise
-        s1 = st["stage1"]
+        dims = dict(N=s.N, K=s.K, topk=s.topk, num_pairs=pairs)
+        s1 = st[Role.STAGE1]
         s1.kernel.launch((blocks, _cdiv(s.N, s1.consts["BLOCK_N"]), 1),
-                         ws.xq, ws.a_scale, a13, w13, w13_scale, a2, ws.sorted_ids,
-                         ws.block_expert, ws.total, ws.actq, ws.act_scale,
-                         s.N, s.K, s.topk, pairs, pdl=pdl["stage1"])
-        s2 = st["stage2"]
+                         xq_ptr=ws.xq, a_scale_ptr=ws.a_scale, a13_static_ptr=a13,
+                         w13_ptr=w13, w13_scale_ptr=w13_scale, a2_static_ptr=a2, **rows,
+                         actq_ptr=ws.actq, act_scale_ptr=ws.act_scale, **dims,
+                         pdl=pdl[Role.STAGE1])
+        s2 = st[Role.STAGE2]
         # the looped stage 2 walks its K tiles itself: K_SPLIT programs per row block
         s2.kernel.launch((blocks * bm // s2.consts["BLOCK_M"],
                           s2.consts.get("K_SPLIT") or _cdiv(s.K, s2.consts["BLOCK_K"]), 1),
-                         ws.actq, ws.act_scale, a2, w2, w2_scale, tw, ws.sorted_ids,
-                         ws.block_expert, ws.total, ws.partial, ws.acc, s.N, s.K, s.topk,
-                         pairs, pdl=pdl["stage2"])
-        red = st["reduce"]
-        red.kernel.launch((M, _cdiv(s.K, red.consts["BLOCK_K"]), 1),
-                          ws.partial, ws.acc, out, s.K, s.topk, pdl=pdl["reduce"])
+                         actq_ptr=ws.actq, act_scale_ptr=ws.act_scale, a2_static_ptr=a2,
+                         w2_ptr=w2, w2_scale_ptr=w2_scale, topk_weights_ptr=tw, **rows,
+                         partial_ptr=ws.partial, acc_ptr=ws.acc, **dims, pdl=pdl[Role.STAGE2])
+        red = st[Role.REDUCE]
+        red.kernel.launch((M, _cdiv(s.K, red.consts["BLOCK_K"]), 1), partial_ptr=ws.partial,
+                          acc_ptr=ws.acc, out_ptr=out, K=s.K, topk=s.topk,
+                          pdl=pdl[Role.REDUCE])
 
     def _check(self, x, w13, w2, w13_scale, w2_scale, tw, ids, out, a13, a2) -> None:
         """Host-only checks (attribute reads; no device work) that keep bad calls from

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 
+from vllm_moe_aot import caches
 from vllm_moe_aot.shapes import Scheme
 from vllm_moe_aot.workload import MoEProblem
 
@@ -34,6 +35,7 @@ logger = logging.getLogger("vllm_moe_aot.stock")
 
 #: why the last :func:`get_stock_provider` call returned what it did, per candidate
 LAST_PROBE: dict[str, str] = {}
+caches.register("stock.last_probe", LAST_PROBE.clear)
 
 
 class StockProvider:

@@ -60,14 +60,15 @@ class DeviceInfo:
 
 
 def device_info(device: torch.device | None = None) -> DeviceInfo:
-    """Name and arch as :func:`vllm_moe_aot.info.device_identity` gives them (the names tuned
+    """Name and arch as :func:`vllm_moe_aot.device.identify` gives them (the names tuned
     configs are keyed by), plus SM/CU count, L2 and memory size."""
     device = device if device is not None else require_gpu("device_info")
     if device.type != "cuda":
         raise NoGPUError(f"device_info needs a GPU device, got {device}")
-    from vllm_moe_aot.info import device_identity
+    from vllm_moe_aot.device import identify
 
-    name, arch = device_identity(device)
+    ident = identify(device)
+    name, arch = ident.name, ident.arch
     props = torch.cuda.get_device_properties(device)
     return DeviceInfo(name=name, arch=arch, cu_num=int(props.multi_processor_count),
                       l2_bytes=int(getattr(props, "L2_cache_size", 50 << 20)),

@@ -60,12 +60,10 @@ from vllm_moe_aot.configs import (
     scheme_of_family,
     write_tuned,
 )
+from vllm_moe_aot.contract import STOCK
 from vllm_moe_aot.reference import GateResult, gate
 from vllm_moe_aot.shapes import MoEShape, Scheme
 from vllm_moe_aot.timing import DeadlineExceeded, DeviceInfo
-
-STOCK = "stock"
-
 
 # ------------------------------------------------------------------------------ results
 

@@ -91,13 +91,10 @@ class MoEProblem:
 
 
 def default_fp8_dtype(device: torch.device | str) -> torch.dtype:
-    """e4m3fnuz on gfx942 (MI300), e4m3fn everywhere else."""
-    device = torch.device(device)
-    if device.type == "cuda" and getattr(torch.version, "hip", None):
-        arch = torch.cuda.get_device_properties(device).gcnArchName.split(":")[0]
-        if arch == "gfx942":
-            return torch.float8_e4m3fnuz
-    return torch.float8_e4m3fn
+    """e4m3fnuz on gfx942 (MI300), e4m3fn everywhere else (:func:`vllm_moe_aot.device.identify`)."""
+    from vllm_moe_aot.device import identify
+
+    return identify(device).fp8_dtype
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 
+from vllm_moe_aot import caches
+
 #: parent logger of everything this package logs from inside vLLM
 LOGGER_NAME = "vllm.moe_aot"
 
@@ -50,3 +52,6 @@ def _reset_log_once() -> None:
     """Forget what :func:`log_once` has seen (tests)."""
     with _once_lock:
         _once_seen.clear()
+
+
+caches.register("integration.log_once", _reset_log_once)

@@ -44,9 +44,11 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import (
     kFp8StaticTensorSym,
 )
 
-from vllm_moe_aot.info import INTERPRETER_ARCH, PlatformInfo, cuda_arch, platform_info
+from vllm_moe_aot.contract import INTERPRETER, STOCK
+from vllm_moe_aot.device import cuda_arch
+from vllm_moe_aot.info import PlatformInfo, platform_info
 from vllm_moe_aot.integration import get_logger, log_once
-from vllm_moe_aot.integration.metadata import DEFAULT_MAX_TOKENS, STOCK, ExpertMetadata
+from vllm_moe_aot.integration.metadata import DEFAULT_MAX_TOKENS, ExpertMetadata
 from vllm_moe_aot.shapes import MoEShape, Scheme, unsupported_reason
 
 logger = get_logger("experts")
@@ -76,7 +78,7 @@ def vllm_platform_info() -> PlatformInfo:
         arch = "gfx942" if rocm.on_gfx942() else "gfx950" if rocm.on_gfx950() else "gfx"
         return platform_info(torch.device("cuda"), p.get_device_name(), arch)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return platform_info(torch.device("cpu"), "cpu", INTERPRETER_ARCH)
+        return platform_info(torch.device("cpu"), "cpu", INTERPRETER)
     return PlatformInfo(None, None, None, False, f"no GPU ({type(p).__name__})")
 
 

@@ -56,6 +56,9 @@ _ORIGINAL = "__vllm_moe_aot_original__"
 _MODULE = "__vllm_moe_aot_module__"
 
 _lock = threading.RLock()
+#: called at every backend selection while the plugin is on (the plugin's start-up line);
+#: set by :func:`install`, so this module never imports the plugin
+_on_select: Callable[[], None] | None = None
 
 
 def choose_experts(module: str, config: Any, weight_key: Any,
@@ -86,9 +89,8 @@ def _make_wrapper(original: Callable, module: str) -> Callable:
     @functools.wraps(original)
     def select_fp8_moe_backend(*args: Any, **kwargs: Any):
         if os.environ.get(ENV_VAR) == BACKEND_NAME:
-            from vllm_moe_aot.integration import plugin
-
-            plugin.announce()
+            if _on_select is not None:
+                _on_select()
             try:
                 bound = signature.bind(*args, **kwargs)
                 bound.apply_defaults()
@@ -115,9 +117,13 @@ def _make_wrapper(original: Callable, module: str) -> Callable:
     return select_fp8_moe_backend
 
 
-def install() -> list[str]:
-    """Wrap ``select_fp8_moe_backend`` in every binding module; returns those newly wrapped."""
+def install(on_select: Callable[[], None] | None = None) -> list[str]:
+    """Wrap ``select_fp8_moe_backend`` in every binding module; returns those newly wrapped.
+    ``on_select`` is called at each selection the plugin is on for."""
+    global _on_select
     with _lock:
+        if on_select is not None:
+            _on_select = on_select
         modules = {}
         for name in BINDINGS:  # import all first, wrap after
             try:

@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
-from vllm_moe_aot.info import config_dir, device_identity
+from vllm_moe_aot import caches
+from vllm_moe_aot.contract import STOCK
+from vllm_moe_aot.device import identify
+from vllm_moe_aot.info import config_dir
 from vllm_moe_aot.integration import get_logger, log_once
 from vllm_moe_aot.shapes import PRESETS, MoEShape, Scheme, unsupported_reason
 
 logger = get_logger("metadata")
-
-#: the dispatch choice that means vLLM's own TritonExperts
-STOCK = "stock"
 
 #: tokens the pipeline's workspace is sized for (it chunks larger batches itself)
 DEFAULT_MAX_TOKENS = 8192
@@ -38,6 +38,9 @@ def clear_caches() -> None:
     with _lock:
         _tables.clear()
         _pipelines.clear()
+
+
+caches.register("integration.metadata", clear_caches)
 
 
 def normalize_weight_scale(scale: torch.Tensor, E: int, channels: int | None,
@@ -202,7 +205,8 @@ class ExpertMetadata:
         else:
             a13 = a2 = None
 
-        gpu_name, arch = device_identity(device)
+        ident = identify(device)
+        gpu_name, arch = ident.name, ident.arch
         table = dispatch_table(shape, scheme, gpu_name, arch, config_directory)
         pipeline = None
         if table.is_empty:

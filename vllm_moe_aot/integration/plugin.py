@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 
-from vllm_moe_aot import BACKEND_NAME
+from vllm_moe_aot import BACKEND_NAME, caches
 from vllm_moe_aot.integration import ENV_VAR, get_logger, log_once
 
 logger = get_logger("plugin")
@@ -42,7 +42,7 @@ def register() -> None:
             return
         from vllm_moe_aot.integration import hook
 
-        hook.install()
+        hook.install(on_select=announce)
         _registered = True
     if logger.hasHandlers():
         announce()
@@ -71,3 +71,6 @@ def _reset() -> None:
 
         hook.uninstall()
         _registered = _announced = False
+
+
+caches.register("integration.plugin", _reset)

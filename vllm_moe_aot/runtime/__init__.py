@@ -20,6 +20,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from vllm_moe_aot import caches as _caches
+from vllm_moe_aot.contract import TARGETS
 from vllm_moe_aot.runtime.code_object import CodeObject
 from vllm_moe_aot.runtime.errors import (
     AotRuntimeError,
@@ -49,12 +51,8 @@ __all__ = [
     "detect_target",
 ]
 
-#: GPU targets code objects are built for, with the devices they mean
-SUPPORTED_TARGETS = {
-    "sm_90a": "NVIDIA Hopper (H100/H200, compute capability 9.0)",
-    "gfx942": "AMD MI300X/MI325X",
-    "gfx950": "AMD MI350X/MI355X",
-}
+#: GPU targets code objects are built for, with the devices they mean (the contract's table)
+SUPPORTED_TARGETS = {t.name: t.description for t in TARGETS.values()}
 
 
 def _supported() -> str:
@@ -96,20 +94,18 @@ def detect_target(device: Any) -> tuple[Any, str]:
             f"device type {dev.type!r} is not supported; supported: {_supported()}, or 'cpu' "
             f"(Triton interpreter, tests only)"
         )
-    props = torch.cuda.get_device_properties(dev.index)
+    from vllm_moe_aot.device import identify
+
+    ident = identify(dev)
+    if ident.target is not None:
+        return dev, ident.arch
     if getattr(torch.version, "hip", None):
-        arch = str(getattr(props, "gcnArchName", "")).split(":")[0]
-        if arch in ("gfx942", "gfx950"):
-            return dev, arch
         raise UnsupportedPlatformError(
-            f"ROCm device {dev.index} ({props.name}) is {arch or 'an unknown gfx arch'}; code "
-            f"objects exist for {_supported()}"
+            f"ROCm device {dev.index} ({ident.name}) is {ident.arch or 'an unknown gfx arch'}; "
+            f"code objects exist for {_supported()}"
         )
-    cc = (props.major, props.minor)
-    if cc == (9, 0):
-        return dev, "sm_90a"
     raise UnsupportedPlatformError(
-        f"CUDA device {dev.index} ({props.name}) is sm_{cc[0]}{cc[1]}; code objects exist for "
+        f"CUDA device {dev.index} ({ident.name}) is {ident.arch}; code objects exist for "
         f"{_supported()}. Use vLLM's stock MoE path on this GPU"
     )
 
@@ -195,3 +191,6 @@ class Runtime:
     def __repr__(self) -> str:
         return (f"<Runtime {self.target} on {self.device}: {len(self.manifest.objects)} code "
                 f"objects from {self.artifacts_dir}>")
+
+
+_caches.register("runtime.Runtime", Runtime.clear_cache)

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 from vllm_moe_aot.runtime.code_object import CodeObject
-from vllm_moe_aot.runtime.errors import CodeObjectError, DriverError, LaunchArgumentError
-from vllm_moe_aot.runtime.kernel import Kernel, bad_grid, grid3
-from vllm_moe_aot.runtime.params import ParamPack
-from vllm_moe_aot.runtime.scratch import Scratch, scratch_values
+from vllm_moe_aot.runtime.errors import CodeObjectError
+from vllm_moe_aot.runtime.kernel import DriverLauncher, Kernel, torch_stream_fn
+
+__all__ = ["CudaKernel", "CudaLauncher", "torch_stream_fn"]
 
 #: the default dynamic shared-memory limit; more needs the per-function opt-in
 DEFAULT_MAX_DYNAMIC_SHARED = 48 * 1024
@@ -38,16 +38,6 @@ _HINTS = {
     "CUDA_ERROR_ILLEGAL_ADDRESS": "an earlier kernel faulted (run with CUDA_LAUNCH_BLOCKING=1 "
     "to find it)",
 }
-
-
-def torch_stream_fn(device_index: int) -> Callable[[], int]:
-    """Cheapest way to read PyTorch's current stream handle for ``device_index``."""
-    import torch
-
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw is not None:
-        return lambda: raw(device_index)
-    return lambda: torch.cuda.current_stream(device_index).cuda_stream
 
 
 def _enum_name(drv: Any, status: Any) -> str:
@@ -70,10 +60,12 @@ def _enum_text(drv: Any, status: Any) -> str:
     return ""
 
 
-class CudaLauncher:
+class CudaLauncher(DriverLauncher):
     """Loads CUBINs on one CUDA device. ``driver`` defaults to ``cuda.bindings.driver``."""
 
     target = "sm_90a"
+    HINTS = _HINTS
+    DEVICE_KIND = "CUDA"
 
     def __init__(
         self,
@@ -89,11 +81,7 @@ class CudaLauncher:
 
             torch.cuda.init()
             driver = cuda_driver
-        self.drv = driver
-        self.device_index = device_index
-        self._stream_fn = stream_fn or torch_stream_fn(device_index)
-        self._alloc = alloc
-        self.SUCCESS = driver.CUresult.CUDA_SUCCESS
+        super().__init__(device_index, driver, driver.CUresult.CUDA_SUCCESS, stream_fn, alloc)
         self.check("cuInit", driver.cuInit(0))
         self.device = self.check("cuDeviceGet", driver.cuDeviceGet(device_index))
         self.context = self.check("cuDevicePrimaryCtxRetain",
@@ -103,23 +91,11 @@ class CudaLauncher:
             "cuDeviceGetAttribute", driver.cuDeviceGetAttribute(
                 attr.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, self.device)))
 
-    # ---- status checking ---------------------------------------------------------------------
-    def error(self, call: str, status: Any, kernel: str | None = None, where: str = "",
-              ) -> DriverError:
-        name = _enum_name(self.drv, status)
-        text = _enum_text(self.drv, status)
-        hint = _HINTS.get(name, "")
-        subject = f"kernel {kernel!r}{where}" if kernel else f"CUDA device {self.device_index}"
-        msg = f"{call} failed for {subject}: {name}" + (f" ({text})" if text else "")
-        if hint:
-            msg += f"; {hint}"
-        return DriverError(msg, call=call, status=status, kernel=kernel)
+    def status_name(self, status: Any) -> str:
+        return _enum_name(self.drv, status)
 
-    def check(self, call: str, result: Any, kernel: str | None = None, where: str = "") -> Any:
-        status = result[0]
-        if status != self.SUCCESS:
-            raise self.error(call, status, kernel, where)
-        return result[1] if len(result) == 2 else (result[1:] or None)
+    def status_text(self, status: Any) -> str:
+        return _enum_text(self.drv, status)
 
     def push(self, kernel: str | None = None) -> None:
         self.check("cuCtxPushCurrent", self.drv.cuCtxPushCurrent(self.context), kernel)
@@ -177,14 +153,9 @@ class CudaKernel(Kernel):
     def __init__(self, launcher: CudaLauncher, co: CodeObject, module: Any, func: Any,
                  max_programs: int | None):
         e = co.entry
-        self.name, self.target, self.entry, self.path = e.name, e.target, e, co.path
+        self._bind(e, e.target, launcher.scratch_for(e, max_programs), co.path)
         self.launcher = launcher
         self.module, self.func = module, func
-        self.params = ParamPack(e.name, [p.name for p in e.params], [p.type for p in e.params],
-                                sum(p.appended for p in e.params))
-        self.scratch = Scratch.for_entry(e, max_programs, launcher._alloc, launcher.device_index)
-        self.params.set_appended(scratch_values(e, self.scratch))
-        self._write = self.params.write
         self._addr = self.params.address
         self._threads = e.threads_per_block
         self._shared = e.shared
@@ -195,7 +166,6 @@ class CudaKernel(Kernel):
         self._configs: dict[bool, Any] = {}
         # a cooperative kernel always goes through cuLaunchKernelEx with its attribute
         self._always_ex = bool(e.launch_cooperative_grid or e.launch_pdl)
-        self._max_programs = self.scratch.max_programs if self.scratch else None
 
     def _config(self, pdl: bool) -> Any:
         cfg = self._configs.get(pdl)
@@ -221,23 +191,8 @@ class CudaKernel(Kernel):
             self._configs[pdl] = cfg
         return cfg
 
-    def launch(self, grid: Any, *args: Any, pdl: bool = False) -> None:
-        try:
-            self._write(*args)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise self._arg_error(args, exc) from None
-        gx, gy, gz = grid3(grid, self.name)
-        try:
-            if gx <= 0 or gy <= 0 or gz <= 0:
-                if gx < 0 or gy < 0 or gz < 0:
-                    raise bad_grid(grid, self.name)
-                return
-        except TypeError:
-            raise bad_grid(grid, self.name) from None
-        if self._max_programs is not None and gx * gy * gz > self._max_programs:
-            raise LaunchArgumentError(
-                f"kernel {self.name!r}: grid {grid!r} has more programs than the "
-                f"{self._max_programs} its scratch buffer was sized for (max_programs)")
+    def _enqueue(self, gx: int, gy: int, gz: int, pdl: bool, args: tuple,
+                 named: dict[str, Any]) -> None:
         stream = self._stream()
         if pdl or self._always_ex:
             cfg = self._config(pdl or self.entry.launch_pdl)

@@ -6,13 +6,11 @@ says what to do about it.
 
 from __future__ import annotations
 
+# the contract reads the manifest, so its two errors are defined there
+from vllm_moe_aot.contract import AotRuntimeError, ManifestError
 
-class AotRuntimeError(RuntimeError):
-    """Base class of every error the runtime raises."""
-
-
-class ManifestError(AotRuntimeError):
-    """``manifest.json`` is missing, malformed, or lacks the kernel asked for."""
+__all__ = ["AotRuntimeError", "CodeObjectError", "DriverError", "LaunchArgumentError",
+           "ManifestError", "UnsupportedPlatformError"]
 
 
 class CodeObjectError(AotRuntimeError):

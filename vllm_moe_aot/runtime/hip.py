@@ -16,11 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from vllm_moe_aot.runtime.code_object import CodeObject
-from vllm_moe_aot.runtime.cuda import torch_stream_fn
-from vllm_moe_aot.runtime.errors import CodeObjectError, DriverError, LaunchArgumentError
-from vllm_moe_aot.runtime.kernel import Kernel, bad_grid, grid3
-from vllm_moe_aot.runtime.params import ParamPack
-from vllm_moe_aot.runtime.scratch import Scratch, scratch_values
+from vllm_moe_aot.runtime.errors import CodeObjectError
+from vllm_moe_aot.runtime.kernel import DriverLauncher, Kernel
 
 _HINTS = {
     "hipErrorNoBinaryForGpu": "the code object is for another GPU (gfx942 vs gfx950?)",
@@ -43,8 +40,11 @@ def _torch_device_guard(device_index: int) -> Callable[[], contextlib.AbstractCo
     return guard
 
 
-class HipLauncher:
+class HipLauncher(DriverLauncher):
     """Loads HSACOs on one ROCm device. ``driver`` defaults to hip-python's ``hip`` module."""
+
+    HINTS = _HINTS
+    DEVICE_KIND = "HIP"
 
     def __init__(
         self,
@@ -65,13 +65,9 @@ class HipLauncher:
                     "pip install 'vllm-moe-aot[rocm]' (or hip-python==<your ROCm>.*)"
                 ) from e
             driver = hip_driver
-        self.drv = driver
+        super().__init__(device_index, driver, driver.hipError_t.hipSuccess, stream_fn, alloc)
         self.target = target
-        self.device_index = device_index
-        self._stream_fn = stream_fn or torch_stream_fn(device_index)
         self._guard = device_guard or _torch_device_guard(device_index)
-        self._alloc = alloc
-        self.SUCCESS = driver.hipError_t.hipSuccess
         attrs = driver.hipDeviceAttribute_t
         limit = 0
         for name in ("hipDeviceAttributeSharedMemPerBlockOptin",
@@ -82,26 +78,12 @@ class HipLauncher:
                                                       getattr(attrs, name), device_index))))
         self.max_shared = limit
 
-    def error(self, call: str, status: Any, kernel: str | None = None, where: str = "",
-              ) -> DriverError:
-        name = getattr(status, "name", str(status))
-        text = ""
+    def status_text(self, status: Any) -> str:
         try:
             _, text = self.drv.hipGetErrorString(status)
-            text = _bytes_str(text)
+            return _bytes_str(text)
         except Exception:  # noqa: BLE001 - only improves the message
-            pass
-        subject = f"kernel {kernel!r}{where}" if kernel else f"HIP device {self.device_index}"
-        msg = f"{call} failed for {subject}: {name}" + (f" ({text})" if text else "")
-        if name in _HINTS:
-            msg += f"; {_HINTS[name]}"
-        return DriverError(msg, call=call, status=status, kernel=kernel)
-
-    def check(self, call: str, result: Any, kernel: str | None = None, where: str = "") -> Any:
-        status = result[0]
-        if status != self.SUCCESS:
-            raise self.error(call, status, kernel, where)
-        return result[1] if len(result) == 2 else (result[1:] or None)
+            return ""
 
     def load(self, co: CodeObject, *, max_programs: int | None = None) -> HipKernel:
         e, drv = co.entry, self.drv
@@ -135,42 +117,21 @@ class HipKernel(Kernel):
     def __init__(self, launcher: HipLauncher, co: CodeObject, module: Any, func: Any,
                  max_programs: int | None):
         e = co.entry
-        self.name, self.target, self.entry, self.path = e.name, e.target, e, co.path
+        self._bind(e, e.target, launcher.scratch_for(e, max_programs), co.path)
         self.launcher = launcher
         self.module, self.func = module, func
-        self.params = ParamPack(e.name, [p.name for p in e.params], [p.type for p in e.params],
-                                sum(p.appended for p in e.params))
-        self.scratch = Scratch.for_entry(e, max_programs, launcher._alloc, launcher.device_index)
-        self.params.set_appended(scratch_values(e, self.scratch))
-        self._write = self.params.write
         self._addr = self.params.address
         self._threads = e.threads_per_block
         self._shared = e.shared
         self._stream = launcher._stream_fn
         self._launch_fn = launcher.drv.hipModuleLaunchKernel
         self._ok = launcher.SUCCESS
-        self._max_programs = self.scratch.max_programs if self.scratch else None
         if e.launch_cooperative_grid:
             raise CodeObjectError(f"kernel {e.name!r}: cooperative launches are not supported "
                                   f"by the HIP launcher")
 
-    def launch(self, grid: Any, *args: Any, pdl: bool = False) -> None:
-        try:
-            self._write(*args)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise self._arg_error(args, exc) from None
-        gx, gy, gz = grid3(grid, self.name)
-        try:
-            if gx <= 0 or gy <= 0 or gz <= 0:
-                if gx < 0 or gy < 0 or gz < 0:
-                    raise bad_grid(grid, self.name)
-                return
-        except TypeError:
-            raise bad_grid(grid, self.name) from None
-        if self._max_programs is not None and gx * gy * gz > self._max_programs:
-            raise LaunchArgumentError(
-                f"kernel {self.name!r}: grid {grid!r} has more programs than the "
-                f"{self._max_programs} its scratch buffer was sized for (max_programs)")
+    def _enqueue(self, gx: int, gy: int, gz: int, pdl: bool, args: tuple,
+                 named: dict[str, Any]) -> None:
         (err,) = self._launch_fn(self.func, gx, gy, gz, self._threads, 1, 1, self._shared,
                                  self._stream(), self._addr, None)
         if err != self._ok:

@@ -17,13 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vllm_moe_aot.contract import REFERENCE_TARGET as _REFERENCE_TARGET
 from vllm_moe_aot.runtime.errors import AotRuntimeError, CodeObjectError
-from vllm_moe_aot.runtime.kernel import Kernel, bad_grid, grid3
+from vllm_moe_aot.runtime.kernel import Kernel
 from vllm_moe_aot.runtime.manifest import ObjectEntry
-from vllm_moe_aot.runtime.params import ParamPack
 
 #: the manifest target whose entries the interpreter follows
-REFERENCE_TARGET = "sm_90a"
+REFERENCE_TARGET = _REFERENCE_TARGET
 EXACT_CAST = "EXACT_CAST"
 #: constexpr of kernels that use programmatic dependent launch (PTX griddepcontrol)
 USE_GDC = "USE_GDC"
@@ -91,7 +91,7 @@ class InterpreterLauncher:
 
 class InterpretedKernel(Kernel):
     def __init__(self, entry: ObjectEntry, fn: Any):
-        self.name, self.target, self.entry = entry.name, "interpreter", entry
+        self._bind(entry, "interpreter")
         self.fn = fn
         consts = {k: decode_constexpr(v) for k, v in entry.constexprs.items()}
         if EXACT_CAST in consts:
@@ -99,22 +99,8 @@ class InterpretedKernel(Kernel):
         if USE_GDC in consts:
             consts[USE_GDC] = False  # griddepcontrol is inline PTX: nothing to interpret
         self.constexprs = consts
-        self.params = ParamPack(entry.name, [p.name for p in entry.params],
-                                [p.type for p in entry.params],
-                                sum(p.appended for p in entry.params))
-        self._write = self.params.write
 
-    def launch(self, grid: Any, *args: Any, pdl: bool = False) -> None:
-        try:
-            self._write(*args)  # the same argument checks as the GPU launchers
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise self._arg_error(args, exc) from None
-        gx, gy, gz = grid3(grid, self.name)
-        try:
-            if gx <= 0 or gy <= 0 or gz <= 0:
-                if gx < 0 or gy < 0 or gz < 0:
-                    raise bad_grid(grid, self.name)
-                return
-        except TypeError:
-            raise bad_grid(grid, self.name) from None
-        self.fn[(gx, gy, gz)](*args, **self.constexprs, num_warps=self.entry.num_warps)
+    def _enqueue(self, gx: int, gy: int, gz: int, pdl: bool, args: tuple,
+                 named: dict[str, Any]) -> None:
+        # the argument checks were the GPU launchers' (Kernel.launch); the values go as given
+        self.fn[(gx, gy, gz)](*args, **named, **self.constexprs, num_warps=self.entry.num_warps)

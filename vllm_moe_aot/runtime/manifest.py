@@ -1,33 +1,30 @@
 """``manifest.json``: what the AOT build produced, read without Triton or the kernel sources.
 
-Schema 1::
-
-    {"schema": 1, "package_version": "0.1.0",
-     "compiler": {"triton": "3.8.0", "ptxas": "12.9", "llvm": "LLD 23.0.0 (...)"},
-     "objects": [{"name", "target", "file", "symbol", "params": [{"name", "type", "offset",
-                  "size", "appended"}], "num_warps", "threads_per_block", "shared",
-                  "global_scratch_size", "global_scratch_align", "profile_scratch_size",
-                  "profile_scratch_align", "num_ctas", "launch_pdl", "launch_cooperative_grid",
-                  "config", "constexprs", "family", "source", "sha256", "size", "cache_key",
-                  "compiler_version"}, ...],
-     "variants": [{...PipelineVariant fields...}, ...]}
-
-``file`` is relative to the manifest's folder. ``params`` is the full launch order, including
-the parameters the compiler appends (``"appended": true``).
+The entries' types and the schema are the contract's (:mod:`vllm_moe_aot.contract`); this
+module finds the file, loads it and answers lookups.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_moe_aot.runtime.errors import ManifestError
+from vllm_moe_aot.contract import (
+    MANIFEST_NAME,
+    SCHEMA,
+    ManifestDoc,
+    ManifestError,
+    ObjectEntry,
+    Param,
+    Variant,
+)
 
-SCHEMA = 1
-MANIFEST_NAME = "manifest.json"
+__all__ = ["ARTIFACTS_ENV", "MANIFEST_NAME", "SCHEMA", "Manifest", "ObjectEntry", "Param",
+           "default_artifacts_dir"]
+
 #: environment variable naming another artifacts folder (tests, local builds)
 ARTIFACTS_ENV = "VLLM_MOE_AOT_ARTIFACTS"
 
@@ -40,82 +37,6 @@ def default_artifacts_dir() -> Path:
 
 
 @dataclass(frozen=True)
-class Param:
-    name: str
-    type: str
-    offset: int | None = None
-    size: int | None = None
-    appended: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "type": self.type, "offset": self.offset, "size": self.size,
-                "appended": self.appended}
-
-
-_REQUIRED = ("name", "target", "file", "symbol", "params", "num_warps", "threads_per_block",
-             "shared", "sha256")
-
-
-@dataclass(frozen=True)
-class ObjectEntry:
-    """One code object: a kernel spec compiled for one target."""
-
-    name: str
-    target: str
-    file: str
-    symbol: str
-    params: tuple[Param, ...]
-    num_warps: int
-    threads_per_block: int
-    shared: int
-    sha256: str
-    global_scratch_size: int = 0
-    global_scratch_align: int = 1
-    profile_scratch_size: int = 0
-    profile_scratch_align: int = 1
-    num_ctas: int = 1
-    launch_pdl: bool = False
-    launch_cooperative_grid: bool = False
-    config: str = ""
-    constexprs: dict[str, Any] = field(default_factory=dict)
-    family: str = ""
-    source: str = ""
-    size: int | None = None
-    cache_key: str = ""
-    compiler_version: str = ""
-
-    @property
-    def user_params(self) -> tuple[Param, ...]:
-        """The parameters callers pass to ``launch`` (appended ones excluded)."""
-        return tuple(p for p in self.params if not p.appended)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any], where: str) -> ObjectEntry:
-        missing = [k for k in _REQUIRED if k not in d]
-        if missing:
-            raise ManifestError(f"{where}: object entry {d.get('name')!r} lacks {missing}; "
-                                f"rebuild with `vllm-moe-aot build`")
-        try:
-            params = tuple(
-                Param(name=p["name"], type=p["type"], offset=p.get("offset"),
-                      size=p.get("size"), appended=bool(p.get("appended", False)))
-                for p in d["params"]
-            )
-            known = {f for f in cls.__dataclass_fields__ if f != "params"}
-            kwargs = {k: v for k, v in d.items() if k in known}
-            return cls(params=params, **kwargs)
-        except (KeyError, TypeError) as e:
-            raise ManifestError(f"{where}: malformed object entry {d.get('name')!r}: {e}") from e
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in self.__dataclass_fields__:
-            v = getattr(self, f)
-            out[f] = [p.to_json() for p in v] if f == "params" else v
-        return out
-
-
-@dataclass(frozen=True)
 class Manifest:
     """The parsed manifest; :meth:`for_target` gives the view a :class:`Runtime` holds."""
 
@@ -123,7 +44,7 @@ class Manifest:
     package_version: str
     compiler: dict[str, Any]
     objects: tuple[ObjectEntry, ...]
-    variants: tuple[dict[str, Any], ...]
+    variants: tuple[Variant, ...]
     path: Path | None = None
     #: set on a per-target view; ``get(name)`` then needs no target
     target: str | None = None
@@ -153,25 +74,13 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], path: Path | None = None) -> Manifest:
-        where = str(path) if path else "manifest"
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-            got = data.get("schema") if isinstance(data, dict) else type(data).__name__
-            raise ManifestError(f"{where}: schema {got!r}, this runtime reads schema {SCHEMA}; "
-                                f"rebuild the code objects or upgrade vllm-moe-aot")
-        objs = tuple(ObjectEntry.from_json(o, where) for o in data.get("objects", []))
-        seen: set[tuple[str, str]] = set()
-        for o in objs:
-            if (o.name, o.target) in seen:
-                raise ManifestError(f"{where}: duplicate object {o.name} for {o.target}")
-            seen.add((o.name, o.target))
-        return cls(schema=SCHEMA, package_version=str(data.get("package_version", "")),
-                   compiler=dict(data.get("compiler", {})), objects=objs,
-                   variants=tuple(data.get("variants", [])), path=path)
+        doc = ManifestDoc.parse(data, str(path) if path else "manifest")
+        return cls(schema=doc.schema, package_version=doc.package_version,
+                   compiler=doc.compiler, objects=doc.objects, variants=doc.variants, path=path)
 
     def to_json(self) -> dict[str, Any]:
-        return {"schema": self.schema, "package_version": self.package_version,
-                "compiler": self.compiler, "objects": [o.to_json() for o in self.objects],
-                "variants": list(self.variants)}
+        return ManifestDoc(self.package_version, self.compiler, self.objects, self.variants,
+                           self.schema).to_json()
 
     # ---- lookups ---------------------------------------------------------------------------------
     def targets(self) -> list[str]:
@@ -206,8 +115,8 @@ class Manifest:
         """The resolved constexpr values kernel ``name`` was compiled with (JSON values)."""
         return dict(self.get(name, target).constexprs)
 
-    def variant(self, name: str) -> dict[str, Any]:
+    def variant(self, name: str) -> Variant:
         for v in self.variants:
-            if v.get("name") == name:
+            if v.name == name:
                 return v
         raise ManifestError(f"pipeline variant {name!r} is not in {self.path}")

@@ -10,15 +10,19 @@ launch beyond what Python itself does for the call. The driver copies the values
 call is made, so the buffer is free again on return; one kernel object must not be launched from
 two threads at once (as with any PyTorch module, use one per thread or a lock).
 
-Argument conventions (positional, in the spec's signature order, appended parameters excluded):
-pointer parameters take a ``torch.Tensor`` (its ``data_ptr()``), ``None`` (null) or an ``int``
-device address; integer parameters take ``int`` (range-checked for their width); float
-parameters take ``float`` or ``int``.
+Arguments are bound by name: the writer's parameters are the manifest's parameter names (the
+compiled artifact's order, which is the kernel's ``@jit`` signature), so ``launch(grid,
+x_ptr=x, ...)`` is checked against the artifact itself and two swapped pointers fail by name.
+Positional arguments (in that order) are accepted too, for small tools. Appended parameters are
+never passed by callers. Pointer parameters take a ``torch.Tensor`` (its ``data_ptr()``),
+``None`` (null) or an ``int`` device address; integer parameters take ``int`` (range-checked for
+their width); float parameters take ``float`` or ``int``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import keyword
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -54,6 +58,8 @@ _INT_RANGE: dict[str, tuple[int, int]] = {
     "u64": (0, (1 << 64) - 1),
 }
 _FLOAT_TYPES = ("fp32", "f32", "fp64")
+#: names ``Kernel.launch`` takes itself: no kernel parameter may use them
+RESERVED_NAMES = frozenset({"grid", "pdl", "self"})
 
 
 def is_pointer(ty: str) -> bool:
@@ -134,13 +140,18 @@ class ParamPack:
         """Generate ``write(a0, a1, ...)`` that stores converted values into the structure."""
         import torch
 
-        args = [f"a{i}" for i in range(self.n_user)]
-        lines = [f"def write({', '.join(args)}):", "    s = _s"]
+        args = self.names[: self.n_user]
+        bad = [a for a in args if not a.isidentifier() or keyword.iskeyword(a)
+               or a.startswith("_") or a in RESERVED_NAMES]
+        if bad or len(set(args)) != len(args):
+            raise CodeObjectError(f"kernel {self.kernel!r}: parameter names {bad or args} cannot "
+                                  f"be bound by name (reserved: {sorted(RESERVED_NAMES)})")
+        lines = [f"def write({', '.join(args)}):", "    _st = _s"]
         for i in range(self.n_user):
             a, ty = args[i], self.types[i]
             if is_pointer(ty):
                 lines.append(
-                    f"    s.f{i} = {a}.data_ptr() if isinstance({a}, _Tensor) else _ptr({a}, {i})"
+                    f"    _st.f{i} = {a}.data_ptr() if isinstance({a}, _Tensor) else _ptr({a}, {i})"
                 )
             elif ty in _INT_RANGE:
                 lo, hi = _INT_RANGE[ty]
@@ -148,10 +159,10 @@ class ParamPack:
                     f"    if {a}.__class__ is not int or not {lo} <= {a} <= {hi}: "
                     f"{a} = _int({a}, {i})"
                 )
-                lines.append(f"    s.f{i} = {a}")
+                lines.append(f"    _st.f{i} = {a}")
             elif ty in _FLOAT_TYPES:
                 lines.append(
-                    f"    s.f{i} = {a} if {a}.__class__ is float else _float({a}, {i})"
+                    f"    _st.f{i} = {a} if {a}.__class__ is float else _float({a}, {i})"
                 )
             else:  # pragma: no cover - ctype_of rejected it already
                 raise CodeObjectError(f"unsupported parameter type {ty}")
@@ -214,9 +225,25 @@ class ParamPack:
             )
         return float(v)  # numpy floating scalars
 
-    def arity_error(self, got: int) -> LaunchArgumentError:
+    def arity_error(self, got: int, named: Sequence[str] = ()) -> LaunchArgumentError:
         user = ", ".join(f"{n}: {t}" for n, t in zip(self.names[: self.n_user],
                                                      self.types[: self.n_user], strict=True))
+        expected = self.names[: self.n_user]
+        missing = [n for n in expected[got:] if n not in named]
+        unknown = [n for n in named if n not in expected]
+        detail = (f"; missing {missing}" if missing else "") + (
+            f"; unknown {unknown}" if unknown else "")
         return LaunchArgumentError(
-            f"kernel {self.kernel!r} takes {self.n_user} launch arguments ({user}), got {got}"
+            f"kernel {self.kernel!r} takes {self.n_user} launch arguments ({user}), got "
+            f"{got + len(named)}{detail}"
         )
+
+    def binding_error(self, args: Sequence[Any], named: dict[str, Any]
+                      ) -> LaunchArgumentError | None:
+        """The error for arguments that do not bind to the parameter names, or None."""
+        expected = self.names[: self.n_user]
+        positional = expected[: len(args)]
+        if (len(args) > self.n_user or any(n in named for n in positional)
+                or set(positional) | set(named) != set(expected)):
+            return self.arity_error(len(args), list(named))
+        return None

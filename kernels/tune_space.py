@@ -1,0 +1,397 @@
+"""The tune space: every fused-MoE kernel spec the AOT build compiles and the variants of them.
+
+Two regimes (see the kernel modules for what each kernel does):
+
+``gemv`` (single token and decode): :mod:`kernels.gemv` stage 1 and stage 2.
+``grouped`` (prefill): :mod:`kernels.routing` (prep, align, scatter), :mod:`kernels.grouped`
+(stage 1, stage 2 in three forms), :mod:`kernels.reduce`.
+
+Every kernel and variant name is built from the fields of its tile (``*.part``); nothing is
+derived by editing another name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kernels.spec import FP8_MAX, FP8_PTR, ON_CUDA, KernelSpec
+from vllm_moe_aot.contract import DEFAULT_TOLERANCE, Regime, Role, Variant
+
+# Scheme flags per scheme value (vllm_moe_aot.shapes.Scheme): (PER_CHANNEL, STATIC)
+SCHEME_FLAGS = {
+    "fp8_ptpc": (True, False),
+    "fp8_per_tensor_static": (False, True),
+    "fp8_per_tensor_dynamic": (False, False),
+}
+_SHORT = {"fp8_ptpc": "ptpc", "fp8_per_tensor_static": "pts", "fp8_per_tensor_dynamic": "ptd"}
+
+_ALIGN16 = ("N", "K")
+#: gemv reads every (token, slot) pair's expert weights separately: past a few hundred tokens
+#: the grouped regime always wins
+GEMV_MAX_TOKENS = 512
+#: top-k slots the routing prep kernel and the default gemv stage 2 hold in one tile
+TOPK_PAD = 16
+#: MAX_E in vllm_moe_aot.shapes
+E_PAD = 1024
+#: the product gate (vllm_moe_aot.reference.GATE_REL_FRO): what unpromoted fp8 MMA
+#: accumulation over K=4096 is held to, as vLLM's stock kernel is (measured 1.1e-2 to 1.6e-2)
+GATE_TOLERANCE = 3e-2
+
+
+def _warps(nw: int) -> str:
+    return "" if nw == 4 else f"_w{nw}"
+
+
+# ------------------------------------------------------------------------------------- gemv
+@dataclass(frozen=True)
+class GemvStage1Tile:
+    bn: int  # BLOCK_N
+    bk: int  # BLOCK_K
+    warps: int = 4
+
+    @property
+    def part(self) -> str:
+        return f"n{self.bn}_k{self.bk}{_warps(self.warps)}"
+
+    def kernel(self, tag: str) -> str:
+        return f"gemv_s1_{tag}_{self.part}"
+
+
+@dataclass(frozen=True)
+class GemvStage2Tile:
+    wide: bool  # moe_gemv_stage2_wide (VEC=16 in-thread sums)
+    bk: int  # BLOCK_K output columns
+    bn: int  # BLOCK_N reduction
+    topk_pad: int = TOPK_PAD
+    warps: int = 4
+
+    @property
+    def dims(self) -> str:
+        return (f"k{self.bk}_n{self.bn}" + ("" if self.topk_pad == TOPK_PAD else
+                                            f"_t{self.topk_pad}") + _warps(self.warps))
+
+    @property
+    def part(self) -> str:
+        return ("w" if self.wide else "") + self.dims
+
+    def kernel(self, tag: str) -> str:
+        return f"gemv_s2{'w' if self.wide else ''}_{tag}_{self.dims}"
+
+
+# Tiles (1, 4096), (2, 2048), (4, 2048, w8), (8, 1024, w8) and a "wide" stage 1 (VEC=16 bytes
+# summed in-thread: 48-80 registers, 2-4x the bytes in flight per SM) never won a token count
+# on the H100 (2026-11-25, docs/perf-notes.md) and are gone.
+GEMV_S1_TILES = (GemvStage1Tile(4, 1024), GemvStage1Tile(8, 512))
+# TOPK_PAD 8 serves topk <= 8 only (the variant says so) with half the registers: it wins
+# every gemv token count of Hy3 (topk=8). One- and two-warp tiles reduce with warp shuffles
+# and almost no block barriers (the 4-warp k8_n64 tile has 35 BAR.SYNC per program).
+GEMV_S2_TILES = (GemvStage2Tile(False, 4, 128), GemvStage2Tile(False, 8, 64),
+                 GemvStage2Tile(True, 16, 128, 8, 8), GemvStage2Tile(False, 2, 64, warps=1),
+                 GemvStage2Tile(False, 4, 64, warps=2), GemvStage2Tile(False, 2, 128, 8, 1))
+
+
+def _gemv_tag(per_channel: bool) -> str:
+    return "pc" if per_channel else "pt"
+
+
+def gemv_specs() -> list[KernelSpec]:
+    specs: list[KernelSpec] = []
+    for pc in (False, True):
+        tag = _gemv_tag(pc)
+        for t1 in GEMV_S1_TILES:
+            specs.append(KernelSpec(
+                name=t1.kernel(tag),
+                source="kernels.gemv:moe_gemv_stage1",
+                family="gemv_stage1",
+                signature={"x_ptr": "*bf16", "w13_ptr": FP8_PTR, "w13_scale_ptr": "*fp32",
+                           "topk_ids_ptr": "*i32", "act_ptr": "*fp32",
+                           "N": "i32", "K": "i32", "topk": "i32"},
+                constexprs={"BLOCK_N": t1.bn, "BLOCK_K": t1.bk, "PER_CHANNEL": pc,
+                            "USE_GDC": ON_CUDA},
+                divisible_by_16=("x_ptr", "w13_ptr", "act_ptr", *_ALIGN16),
+                num_warps=t1.warps, num_stages=2))
+        for t2 in GEMV_S2_TILES:
+            specs.append(KernelSpec(
+                name=t2.kernel(tag),
+                source=f"kernels.gemv:moe_gemv_stage2{'_wide' if t2.wide else ''}",
+                family="gemv_stage2",
+                signature={"act_ptr": "*fp32", "w2_ptr": FP8_PTR, "w2_scale_ptr": "*fp32",
+                           "topk_ids_ptr": "*i32", "topk_weights_ptr": "*fp32",
+                           "out_ptr": "*bf16", "N": "i32", "K": "i32", "topk": "i32"},
+                constexprs={"BLOCK_K": t2.bk, "BLOCK_N": t2.bn, "TOPK_PAD": t2.topk_pad,
+                            **({"VEC": 16} if t2.wide else {}), "PER_CHANNEL": pc,
+                            "USE_GDC": ON_CUDA},
+                divisible_by_16=("act_ptr", "w2_ptr", "out_ptr", *_ALIGN16),
+                num_warps=t2.warps, num_stages=2))
+    return specs
+
+
+def gemv_variants() -> list[Variant]:
+    variants = []
+    for t1 in GEMV_S1_TILES:
+        for t2 in GEMV_S2_TILES:
+            kernels = {}
+            for scheme, (pc, _static) in SCHEME_FLAGS.items():
+                tag = _gemv_tag(pc)
+                kernels[scheme] = {Role.STAGE1: t1.kernel(tag), Role.STAGE2: t2.kernel(tag)}
+            variants.append(Variant(
+                name=f"gemv_{t1.part}.{t2.part}", regime=Regime.GEMV, kernels=kernels,
+                quantize_activations=False, max_topk=t2.topk_pad,
+                max_tokens=GEMV_MAX_TOKENS))
+    return variants
+
+
+# ---------------------------------------------------------------------------------- grouped
+@dataclass(frozen=True)
+class GroupedStage1Tile:
+    tag: str  # the variant name's tile part
+    bm: int
+    bn: int
+    bk: int
+    warps: int
+    stages: int
+
+    def kernel(self, scheme: str, promote: bool) -> str:
+        return (f"grp_s1_{_SHORT[scheme]}_m{self.bm}_n{self.bn}_k{self.bk}"
+                + ("" if promote else "_fa"))
+
+
+@dataclass(frozen=True)
+class GroupedStage2Tile:
+    """A stage-2 tile. ``k_split`` 0: one output tile per program (moe_grouped_stage2); else
+    the looped kernel (moe_grouped_stage2_loop) with that many programs per row block.
+    ``bm`` overrides the stage-2 BLOCK_M (default: stage 1's, which rows are aligned to)."""
+
+    bk: int  # BLOCK_K: output columns per tile
+    bn: int  # BLOCK_N: reduction chunk
+    warps: int
+    stages: int
+    atomic: bool = False
+    k_split: int = 0
+    bm: int | None = None
+    resident: bool = False  # moe_grouped_stage2_resident: needs N <= bn
+
+    def block_m(self, align_m: int) -> int:
+        return self.bm or align_m
+
+    def function(self) -> str:
+        if not self.k_split:
+            return "moe_grouped_stage2"
+        return f"moe_grouped_stage2_{'resident' if self.resident else 'loop'}"
+
+    def kernel(self, scheme: str, align_m: int) -> str:
+        bm = self.block_m(align_m)
+        dims = f"{_SHORT[scheme]}_m{bm}_k{self.bk}_n{self.bn}"
+        if not self.k_split:
+            return f"grp_s2_{dims}{'_atomic' if self.atomic else ''}"
+        kind = "res" if self.resident else "loop"
+        return (f"grp_s2{kind}_{dims}_split{self.k_split}"
+                + (f"_align{align_m}" if align_m != bm else ""))
+
+
+S1_TILES = (
+    GroupedStage1Tile("m16", 16, 128, 128, 4, 3),
+    GroupedStage1Tile("m64", 64, 128, 128, 4, 3),
+    GroupedStage1Tile("m64n64", 64, 64, 128, 4, 3),
+    GroupedStage1Tile("m64n256", 64, 256, 128, 8, 3),
+    GroupedStage1Tile("m128", 128, 128, 128, 8, 3),
+)
+# (stage-1 BLOCK_M, stage-2 kind) -> stage-2 tile
+S2_TILES = {
+    (16, "std"): GroupedStage2Tile(128, 128, 4, 3),
+    (64, "std"): GroupedStage2Tile(128, 128, 4, 3),
+    (128, "std"): GroupedStage2Tile(128, 128, 8, 3),
+    (64, "atomic"): GroupedStage2Tile(128, 128, 4, 3, atomic=True),
+    (64, "k256"): GroupedStage2Tile(256, 128, 8, 3),  # half the programs, twice the work each
+    (128, "k256"): GroupedStage2Tile(256, 128, 8, 3),
+    (64, "n64"): GroupedStage2Tile(128, 64, 4, 3),  # no masked half-chunk when N = 192
+    # K_SPLIT=1 measured within 1-2% of 4 (H100, 2026-11-25): only 4 is kept
+    (64, "loop4"): GroupedStage2Tile(128, 64, 4, 3, k_split=4),
+    # N = 128 in one MMA chunk (Qwen): no chunk loop, one epilogue per MMA
+    (64, "loop4n128"): GroupedStage2Tile(128, 128, 4, 3, k_split=4),
+    # the faster BLOCK_M=128 stage 1 feeding the faster BLOCK_M=64 looped stage 2
+    (128, "loop4m64"): GroupedStage2Tile(128, 64, 4, 3, k_split=4, bm=64),
+    # the intermediate tile loaded once per program (N <= 128: Qwen; N <= 256: Hy3)
+    (64, "res4n128"): GroupedStage2Tile(128, 128, 4, 3, k_split=4, resident=True),
+    # 2 stages: 2 CTAs/SM
+    (64, "res4n256"): GroupedStage2Tile(128, 256, 4, 2, k_split=4, resident=True),
+    (128, "res4m64n128"): GroupedStage2Tile(128, 128, 4, 3, k_split=4, bm=64, resident=True),
+}
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How a variant runs its stage 2 (``kind``, a key of :data:`S2_TILES`) and whether its
+    stage 1 promotes the fp8 MMA partials per K chunk (``fastacc``: it does not)."""
+
+    kind: str
+    fastacc: bool
+
+    @property
+    def suffix(self) -> str:
+        parts = (["fastacc"] if self.fastacc else []) + ([] if self.kind == "std" else
+                                                          [self.kind])
+        return "".join(f"_{p}" for p in parts)
+
+
+MODES = (Mode("std", False), Mode("atomic", False), Mode("std", True), Mode("k256", True),
+         Mode("n64", True), Mode("loop4", True), Mode("loop4", False), Mode("loop4n128", True),
+         Mode("loop4m64", True), Mode("res4n128", True), Mode("res4n256", True),
+         Mode("res4m64n128", True))
+#: stage-1 tiles also built without per-chunk promotion -> the fastacc modes built for the tile
+#: (None: all). m64n256 covers Hy3's N=192 with one gate/up tile (A read once per row block
+#: instead of 3x with m64n64)
+FASTACC_TILES: dict[str, set[str] | None] = {
+    "m64": None, "m64n64": None, "m128": None, "m64n256": {"loop4", "res4n256"}}
+
+
+def _prep_name(static: bool, zero_acc: bool) -> str:
+    return f"prep_{'static' if static else 'dyn'}{'_zacc' if zero_acc else ''}"
+
+
+def _reduce_name(atomic: bool) -> str:
+    return "acc_to_out" if atomic else "topk_reduce"
+
+
+def _align_name(bm: int) -> str:
+    return f"align_m{bm}"
+
+
+SCATTER = "scatter"
+
+
+def routing_specs() -> list[KernelSpec]:
+    specs: list[KernelSpec] = []
+    for static in (False, True):
+        for zero in (False, True):
+            specs.append(KernelSpec(
+                name=_prep_name(static, zero), source="kernels.routing:moe_prep", family="prep",
+                signature={"x_ptr": "*bf16", "xq_ptr": FP8_PTR, "a_scale_ptr": "*fp32",
+                           "static_scale_ptr": "*fp32", "topk_ids_ptr": "*i32",
+                           "counts_ptr": "*i32", "acc_ptr": "*fp32", "K": "i32", "topk": "i32"},
+                constexprs={"BLOCK_K": 1024, "TOPK_PAD": TOPK_PAD, "STATIC": static,
+                            "ZERO_ACC": zero, "FP8_MAX": FP8_MAX, "EXACT_CAST": False,
+                            "USE_GDC": ON_CUDA},
+                divisible_by_16=("x_ptr", "xq_ptr", "acc_ptr", "K"), num_warps=4,
+                num_stages=1))
+    for bm in sorted({bm for bm, _ in S2_TILES}):
+        specs.append(KernelSpec(
+            name=_align_name(bm), source="kernels.routing:moe_align", family="align",
+            signature={"counts_ptr": "*i32", "cursor_ptr": "*i32", "block_expert_ptr": "*i32",
+                       "sorted_ids_ptr": "*i32", "total_ptr": "*i32", "E": "i32",
+                       "num_pairs": "i32"},
+            constexprs={"BLOCK_M": bm, "E_PAD": E_PAD, "FILL": 256, "USE_GDC": ON_CUDA},
+            num_warps=4, num_stages=1))
+    specs.append(KernelSpec(
+        name=SCATTER, source="kernels.routing:moe_scatter", family="scatter",
+        signature={"topk_ids_ptr": "*i32", "cursor_ptr": "*i32", "sorted_ids_ptr": "*i32",
+                   "counts_ptr": "*i32", "num_pairs": "i32", "E": "i32"},
+        constexprs={"BLOCK": 1024, "E_PAD": E_PAD, "USE_GDC": ON_CUDA}, num_warps=4,
+        num_stages=1))
+    return specs
+
+
+def reduce_specs() -> list[KernelSpec]:
+    return [KernelSpec(
+        name=_reduce_name(atomic), source="kernels.reduce:moe_topk_reduce", family="reduce",
+        signature={"partial_ptr": "*bf16", "acc_ptr": "*fp32", "out_ptr": "*bf16",
+                   "K": "i32", "topk": "i32"},
+        constexprs={"BLOCK_K": 1024, "ATOMIC": atomic, "USE_GDC": ON_CUDA},
+        divisible_by_16=("partial_ptr", "acc_ptr", "out_ptr", "K"),
+        num_warps=4, num_stages=1) for atomic in (False, True)]
+
+
+def grouped_stage2_specs() -> list[KernelSpec]:
+    specs = []
+    for (bm1, _kind), t in S2_TILES.items():
+        bm = t.block_m(bm1)
+        for scheme, (pc, static) in SCHEME_FLAGS.items():
+            consts = {"BLOCK_M": bm, "BLOCK_K": t.bk, "BLOCK_N": t.bn, "PER_CHANNEL": pc,
+                      "STATIC": static, "ATOMIC": t.atomic, "FP8_MAX": FP8_MAX,
+                      "EXACT_CAST": False, "USE_GDC": ON_CUDA}
+            if t.k_split:
+                del consts["ATOMIC"]
+                consts.update(K_SPLIT=t.k_split, ALIGN_M=bm1, NUM_STAGES=t.stages)
+            specs.append(KernelSpec(
+                name=t.kernel(scheme, bm1), source=f"kernels.grouped:{t.function()}",
+                family="grouped_stage2",
+                signature={"actq_ptr": FP8_PTR, "act_scale_ptr": "*fp32",
+                           "a2_static_ptr": "*fp32", "w2_ptr": FP8_PTR,
+                           "w2_scale_ptr": "*fp32", "topk_weights_ptr": "*fp32",
+                           "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32",
+                           "total_ptr": "*i32", "partial_ptr": "*bf16", "acc_ptr": "*fp32",
+                           "N": "i32", "K": "i32", "topk": "i32", "num_pairs": "i32"},
+                constexprs=consts,
+                divisible_by_16=("actq_ptr", "w2_ptr", "partial_ptr", "acc_ptr", *_ALIGN16),
+                num_warps=t.warps, num_stages=t.stages))
+    return specs
+
+
+def grouped_stage1_spec(t: GroupedStage1Tile, scheme: str, promote: bool) -> KernelSpec:
+    pc, static = SCHEME_FLAGS[scheme]
+    return KernelSpec(
+        name=t.kernel(scheme, promote), source="kernels.grouped:moe_grouped_stage1",
+        family="grouped_stage1",
+        signature={"xq_ptr": FP8_PTR, "a_scale_ptr": "*fp32",
+                   "a13_static_ptr": "*fp32", "w13_ptr": FP8_PTR,
+                   "w13_scale_ptr": "*fp32", "a2_static_ptr": "*fp32",
+                   "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32",
+                   "total_ptr": "*i32", "actq_ptr": FP8_PTR, "act_scale_ptr": "*fp32",
+                   "N": "i32", "K": "i32", "topk": "i32", "num_pairs": "i32"},
+        constexprs={"BLOCK_M": t.bm, "BLOCK_N": t.bn, "BLOCK_K": t.bk, "PER_CHANNEL": pc,
+                    "STATIC": static, "PROMOTE": promote, "FP8_MAX": FP8_MAX,
+                    "EXACT_CAST": False, "USE_GDC": ON_CUDA},
+        divisible_by_16=("xq_ptr", "w13_ptr", "actq_ptr", *_ALIGN16),
+        num_warps=t.warps, num_stages=t.stages)
+
+
+def _built(t: GroupedStage1Tile, mode: Mode) -> bool:
+    if (t.bm, mode.kind) not in S2_TILES:
+        return False
+    if not mode.fastacc:
+        return True
+    if t.tag not in FASTACC_TILES:
+        return False
+    only = FASTACC_TILES[t.tag]
+    return only is None or mode.kind in only
+
+
+def grouped_space() -> tuple[list[KernelSpec], list[Variant]]:
+    """Stage-1 specs (those some variant uses) and the grouped variants."""
+    variants = []
+    s1_specs: dict[str, KernelSpec] = {}
+    for t in S1_TILES:
+        for mode in MODES:
+            if not _built(t, mode):
+                continue
+            s2 = S2_TILES[(t.bm, mode.kind)]
+            promote = not mode.fastacc
+            kernels: dict[str, dict[Role, str]] = {}
+            max_n: dict[str, int] = {}
+            for scheme, (_pc, static) in SCHEME_FLAGS.items():
+                if not static and t.bn < 128:
+                    continue  # dynamic re-quantisation wants whole rows: narrow tiles: pointless
+                spec = s1_specs.setdefault(t.kernel(scheme, promote),
+                                           grouped_stage1_spec(t, scheme, promote))
+                kernels[scheme] = {
+                    Role.PREP: _prep_name(static, s2.atomic), Role.ALIGN: _align_name(t.bm),
+                    Role.SCATTER: SCATTER, Role.STAGE1: spec.name,
+                    Role.STAGE2: s2.kernel(scheme, t.bm), Role.REDUCE: _reduce_name(s2.atomic)}
+                if not static:
+                    max_n[scheme] = t.bn
+                if s2.resident:
+                    max_n[scheme] = min(max_n.get(scheme, 1 << 30), s2.bn)
+            variants.append(Variant(
+                name=f"grouped_{t.tag}{mode.suffix}", regime=Regime.GROUPED, kernels=kernels,
+                quantize_activations=True, max_n=max_n, max_topk=TOPK_PAD,
+                tolerance=DEFAULT_TOLERANCE if promote else GATE_TOLERANCE, block_m=t.bm))
+    return list(s1_specs.values()), variants
+
+
+def tune_space() -> tuple[list[KernelSpec], list[Variant]]:
+    s1_specs, g_vars = grouped_space()
+    specs = gemv_specs() + routing_specs() + reduce_specs() + grouped_stage2_specs() + s1_specs
+    return specs, gemv_variants() + g_vars
+
+
+SPECS, VARIANTS = tune_space()
