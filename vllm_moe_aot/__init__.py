@@ -1,7 +1,8 @@
 """vllm-moe-aot: ahead-of-time compiled FP8 fused-MoE kernels for vLLM.
 
-The core (pipeline, runtime, configs, tuner, bench) imports no vLLM; only
-:mod:`vllm_moe_aot.integration` does, and only when :func:`register` is asked to act.
+The core (contract, pipeline, runtime, configs, tuner, bench) imports no vLLM;
+:mod:`vllm_moe_aot.integration` does, only when :func:`register` is asked to act, and so does
+:mod:`vllm_moe_aot.stock` when a tool asks it for vLLM's own kernel to compare against.
 """
 
 from __future__ import annotations
