@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_moe_aot import caches as _caches
-from vllm_moe_aot.contract import TARGETS
+from vllm_moe_aot.contract import INTERPRETER, REFERENCE_TARGET, TARGETS
 from vllm_moe_aot.runtime.code_object import CodeObject
 from vllm_moe_aot.runtime.errors import (
     AotRuntimeError,
@@ -88,7 +88,7 @@ def detect_target(device: Any) -> tuple[Any, str]:
 
     dev = _as_device(device)
     if dev.type == "cpu":
-        return dev, "interpreter"
+        return dev, INTERPRETER
     if dev.type != "cuda":
         raise UnsupportedPlatformError(
             f"device type {dev.type!r} is not supported; supported: {_supported()}, or 'cpu' "
@@ -117,12 +117,10 @@ class Runtime:
     _lock = threading.Lock()
 
     def __init__(self, device: Any, target: str, launcher: Any, manifest: Manifest):
-        from vllm_moe_aot.runtime.interpreter import REFERENCE_TARGET
-
         self.device = device
         self.target = target
         self.launcher = launcher
-        view = REFERENCE_TARGET if target == "interpreter" else target
+        view = REFERENCE_TARGET if target == INTERPRETER else target
         self.manifest: Manifest = manifest.for_target(view)
         self.artifacts_dir: Path = manifest.directory
         self._kernels: dict[str, Kernel] = {}
@@ -147,7 +145,7 @@ class Runtime:
 
     @staticmethod
     def _make_launcher(dev: Any, target: str) -> Any:
-        if target == "interpreter":
+        if target == INTERPRETER:
             from vllm_moe_aot.runtime.interpreter import InterpreterLauncher
 
             return InterpreterLauncher()
@@ -180,7 +178,7 @@ class Runtime:
             k = self._kernels.get(name)
             if k is None:
                 entry = self.manifest.get(name)
-                if self.target == "interpreter":
+                if self.target == INTERPRETER:
                     k = self.launcher.load(entry, max_programs=max_programs)
                 else:
                     co = CodeObject.load(entry, self.artifacts_dir)

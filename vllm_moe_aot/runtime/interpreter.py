@@ -17,13 +17,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vllm_moe_aot.contract import REFERENCE_TARGET as _REFERENCE_TARGET
+from vllm_moe_aot.contract import INTERPRETER
+from vllm_moe_aot.contract import REFERENCE_TARGET as REFERENCE_TARGET  # re-exported
 from vllm_moe_aot.runtime.errors import AotRuntimeError, CodeObjectError
 from vllm_moe_aot.runtime.kernel import Kernel
 from vllm_moe_aot.runtime.manifest import ObjectEntry
 
-#: the manifest target whose entries the interpreter follows
-REFERENCE_TARGET = _REFERENCE_TARGET
 EXACT_CAST = "EXACT_CAST"
 #: constexpr of kernels that use programmatic dependent launch (PTX griddepcontrol)
 USE_GDC = "USE_GDC"
@@ -67,7 +66,7 @@ def import_source(source: str, kernel: str) -> Any:
 
 
 class InterpreterLauncher:
-    target = "interpreter"
+    target = INTERPRETER
 
     def __init__(self) -> None:
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -91,7 +90,7 @@ class InterpreterLauncher:
 
 class InterpretedKernel(Kernel):
     def __init__(self, entry: ObjectEntry, fn: Any):
-        self._bind(entry, "interpreter")
+        self._bind(entry, INTERPRETER)
         self.fn = fn
         consts = {k: decode_constexpr(v) for k, v in entry.constexprs.items()}
         if EXACT_CAST in consts:
