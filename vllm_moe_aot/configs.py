@@ -484,34 +484,64 @@ def _load_tuned_cached(path: Path) -> list[TunedRow]:
     return rows
 
 
-class DispatchTable:
-    """Which implementation runs one layer at each batch size, from the tuned configs.
+def gpu_family(name: str) -> str:
+    """The GPU model a device name stands for, vendor and memory words dropped: ``NVIDIA H100
+    80GB HBM3`` and ``NVIDIA H100 SXM5 80GB`` are both ``H100``; ``NVIDIA H200`` and ``NVIDIA
+    H200 NVL`` are ``H200`` and ``H200 NVL`` (another power limit: tuned apart)."""
+    words = [w for w in name.replace("-", " ").split()
+             if w.upper() not in ("NVIDIA", "AMD", "INSTINCT", "TESLA")]
+    keep = [w for w in words if not any(w.upper().endswith(s) for s in ("GB", "HBM3", "HBM3E",
+                                                                        "SXM", "SXM5", "PCIE"))]
+    return " ".join(keep).upper()
 
-    ``choose(M)`` returns the choice of the row with the smallest tuned ``tokens >= M``, or of
-    the largest row beyond that; with no rows it returns ``"stock"``.
+
+class DispatchTable:
+    """Which implementation runs one layer at each batch size.
+
+    ``choose(M)`` returns the choice of the entry with the smallest ``tokens >= M``, or of the
+    largest entry beyond that; with no entries it returns ``"stock"``. ``origin`` says where
+    the entries came from: ``tuned`` (rows for this GPU model), ``default`` (the measured
+    default policy, :mod:`vllm_moe_aot.dispatch.policy`), ``other-gpu`` (rows tuned on another
+    GPU of the same arch, used only where the policy has nothing) or ``none``.
     """
 
-    def __init__(self, entries: Iterable[tuple[int, str]] = (), source: str = ""):
+    def __init__(self, entries: Iterable[tuple[int, str]] = (), source: str = "",
+                 origin: str = "tuned"):
         table: dict[int, str] = {}
         for m, choice in entries:
             table.setdefault(int(m), choice)
         self._tokens = sorted(table)
         self._choices = [table[m] for m in self._tokens]
         self.source = source
+        self.origin = origin if self._tokens else "none"
 
     @classmethod
     def from_rows(cls, rows: Iterable[TunedRow], shape: MoEShape, scheme: Scheme | str,
                   gpu_name: str, arch: str, source: str = "") -> DispatchTable:
+        """Rows for this GPU model (exact name first, then names of the same
+        :func:`gpu_family`), this arch and this layer."""
         layer = RowKey.of(shape, scheme, 1).layer()
-        entries = [(r.key.tokens, r.choice) for r in rows
-                   if r.gpu == gpu_name and r.arch == arch and r.key.layer() == layer]
-        return cls(entries, source)
+        mine = [r for r in rows if r.arch == arch and r.key.layer() == layer]
+        exact = [(r.key.tokens, r.choice) for r in mine if r.gpu == gpu_name]
+        family = [(r.key.tokens, r.choice) for r in mine
+                  if r.gpu != gpu_name and gpu_family(r.gpu) == gpu_family(gpu_name)]
+        return cls(exact + family, source)
+
+    def restricted_to(self, available: Iterable[str]) -> DispatchTable:
+        """The same table with every choice not in ``available`` replaced by stock."""
+        ok = set(available)
+        entries = [(m, c if c == STOCK or c in ok else STOCK) for m, c in self.describe()]
+        return DispatchTable(entries, self.source, self.origin)
 
     @classmethod
     def for_layer(cls, shape: MoEShape, scheme: Scheme | str, gpu_name: str, arch: str,
-                  config_dir: str | os.PathLike | None = None) -> DispatchTable:
-        """Collect matching rows from every ``*.tuned.csv`` in ``config_dir`` (files in name
-        order; the first row for a token count wins)."""
+                  config_dir: str | os.PathLike | None = None, *, sm_count: int | None = None,
+                  default_policy: bool = True) -> DispatchTable:
+        """Rows for this GPU model from every ``*.tuned.csv`` in ``config_dir`` (files in name
+        order; the first row for a token count wins); without any, the default policy; without
+        that, rows tuned on another GPU of the same arch; else empty (stock everywhere)."""
+        from vllm_moe_aot.dispatch.policy import default_dispatch
+
         cdir = Path(config_dir) if config_dir is not None else DEFAULT_CONFIG_DIR
         files = sorted(cdir.glob("*.tuned.csv")) if cdir.is_dir() else []
         table_rows: list[TunedRow] = []
@@ -519,18 +549,21 @@ class DispatchTable:
         for f in files:
             rows = _load_tuned_cached(f)
             table_rows.extend(rows)
-            if any(r.gpu == gpu_name and r.arch == arch for r in rows):
+            if any(gpu_family(r.gpu) == gpu_family(gpu_name) and r.arch == arch for r in rows):
                 used.append(f.name)
         table = cls.from_rows(table_rows, shape, scheme, gpu_name, arch,
                               source=", ".join(str(cdir / u) for u in used))
-        if table.is_empty:
-            logger.info(
-                "vllm-moe-aot: no tuned config for %s %s on %r (%s) in %s; using the stock "
-                "path at every batch size. Tune it with: vllm-moe-aot tune -i "
-                "configs/<model>_%s_tp<T>.untuned.csv -o configs/<model>_%s_tp<T>.tuned.csv",
-                shape, scheme_family(scheme), gpu_name, arch, cdir, scheme_family(scheme),
-                scheme_family(scheme))
-        return table
+        if not table.is_empty or not default_policy:
+            return table
+        decision = default_dispatch(shape, scheme, arch, sm_count)
+        if decision.uses_aot:
+            return cls(decision.entries, decision.reason, origin="default")
+        layer = RowKey.of(shape, scheme, 1).layer()
+        other = [(r.key.tokens, r.choice) for r in table_rows
+                 if r.arch == arch and r.key.layer() == layer]
+        if other:
+            return cls(other, f"rows tuned on another {arch} GPU in {cdir}", origin="other-gpu")
+        return cls((), decision.reason, origin="none")
 
     @property
     def is_empty(self) -> bool:

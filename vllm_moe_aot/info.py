@@ -173,13 +173,15 @@ def devices_in_configs(files: list[Path], shape: MoEShape | None = None,
 
 
 def describe_dispatch(shape: MoEShape, scheme: Scheme, gpu_name: str, arch: str,
-                      directory: Path | None) -> list[str]:
+                      directory: Path | None, sm_count: int | None = None) -> list[str]:
     """Lines saying which M buckets go to the AOT pipeline and which to stock."""
     from vllm_moe_aot.configs import DispatchTable
 
-    table = DispatchTable.for_layer(shape, scheme, gpu_name, arch, config_dir=directory)
+    table = DispatchTable.for_layer(shape, scheme, gpu_name, arch, config_dir=directory,
+                                    sm_count=sm_count)
     if table.is_empty:
-        return ["no tuned rows: every M runs stock (vLLM's TritonExperts)"]
+        return [f"no tuned rows and no default ({table.source or 'none'}): every M runs stock "
+                "(vLLM's TritonExperts)"]
     rows = table.describe()
     lines = []
     for i, (m, choice) in enumerate(rows):
@@ -188,5 +190,8 @@ def describe_dispatch(shape: MoEShape, scheme: Scheme, gpu_name: str, arch: str,
         detail = "" if choice == "stock" else f"  {choice}"
         lines.append(f"{bound:<24} {kind}{detail}")
     n_aot = sum(1 for _, c in rows if c != "stock")
-    lines.append(f"{n_aot} of {len(rows)} tuned M buckets go to the AOT pipeline")
+    origin = {"tuned": "tuned", "default": "default-policy",
+              "other-gpu": "other-GPU"}.get(table.origin, table.origin)
+    lines.append(f"{n_aot} of {len(rows)} {origin} M buckets go to the AOT pipeline"
+                 + ("" if table.origin == "tuned" else f" ({table.source})"))
     return lines

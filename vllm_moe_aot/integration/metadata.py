@@ -90,22 +90,22 @@ def tune_hint(shape: MoEShape, scheme: Scheme, tp_size: int | None,
                 return step
             return (f"python -m vllm_moe_aot.configs --generate --tp {tp} --config-dir "
                     f"{directory}, then {step}")
-    tp = f"tp{tp_size}" if tp_size else "tp<T>"
-    stem = f"<model>_{scheme.family}_{tp}"
-    return (f"vllm-moe-aot tune -i configs/{stem}.untuned.csv -o configs/{stem}.tuned.csv "
-            f"(first write the untuned CSV: shape {shape}, one row per token count)")
+    tp = tp_size or "<T>"
+    return (f"vllm-moe-aot tune --model <checkpoint or config.json> --tp {tp} --scheme "
+            f"{scheme.family} --config-dir <dir>, then serve with VLLM_MOE_AOT_CONFIG_DIR=<dir>")
 
 
 def dispatch_table(shape: MoEShape, scheme: Scheme, gpu_name: str, arch: str,
-                   directory: Path | None = None) -> Any:
+                   directory: Path | None = None, sm_count: int | None = None) -> Any:
     """The shared ``DispatchTable`` for this shape/scheme/GPU (``directory`` None: shipped)."""
-    key = (shape, scheme, gpu_name, arch, str(directory) if directory else None)
+    key = (shape, scheme, gpu_name, arch, str(directory) if directory else None, sm_count)
     with _lock:
         if key in _tables:
             return _tables[key]
     from vllm_moe_aot.configs import DispatchTable
 
-    table = DispatchTable.for_layer(shape, scheme, gpu_name, arch, config_dir=directory)
+    table = DispatchTable.for_layer(shape, scheme, gpu_name, arch, config_dir=directory,
+                                    sm_count=sm_count)
     with _lock:
         return _tables.setdefault(key, table)
 
@@ -207,15 +207,27 @@ class ExpertMetadata:
 
         ident = identify(device)
         gpu_name, arch = ident.name, ident.arch
-        table = dispatch_table(shape, scheme, gpu_name, arch, config_directory)
+        table = dispatch_table(shape, scheme, gpu_name, arch, config_directory,
+                               ident.sm_count)
         pipeline = None
-        if table.is_empty:
+        hint = (f"To tune this layer: {tune_hint(shape, scheme, tp_size, config_directory)}")
+        if table.origin == "default":
+            pipeline = pipeline_for(shape, scheme, device, max_tokens)
+            # the policy speaks for a class of layers: a choice this layer's build does not
+            # serve runs stock for its bucket
+            table = table.restricted_to(pipeline.variants)
+            log_once(logger, logging.INFO,
+                     f"vllm-moe-aot: no tuned rows for {shape} {scheme.value} on {gpu_name} "
+                     f"({arch}) in {config_directory or config_dir()}: using the measured "
+                     f"default dispatch ({table.source}). {hint}")
+        if table.is_empty or all(c == STOCK for _, c in table.describe()):
+            pipeline = None
             log_once(logger, logging.INFO,
                      f"vllm-moe-aot: no tuned configs for {shape} {scheme.value} on {gpu_name} "
-                     f"({arch}) in {config_directory or config_dir()}: these MoE layers run "
-                     f"vLLM's TritonExperts at every batch size. To tune: "
-                     f"{tune_hint(shape, scheme, tp_size, config_directory)}")
-        else:
+                     f"({arch}) in {config_directory or config_dir()} and no default for it "
+                     f"({table.source or 'none'}): these MoE layers run vLLM's TritonExperts at "
+                     f"every batch size. {hint}")
+        elif table.origin != "default":
             pipeline = pipeline_for(shape, scheme, device, max_tokens)
             named = {choice for _, choice in table.describe() if choice != STOCK}
             missing = sorted(named - set(pipeline.variants))
