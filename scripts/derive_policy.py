@@ -58,8 +58,27 @@ def read_sweep(folder: Path):
     return times, layers, arch, cus
 
 
-def derive(folder: Path, margin: float = POLICY_MARGIN) -> list[PolicyRow]:
+def add_validation(path: Path, times, layers) -> None:
+    """Fold a validation run's timings (``scripts/validate_policy.py``: the policy's choice and
+    stock per layer and M) into the sweep data: a layer it timed joins its class."""
+    import csv as _csv
+
+    with open(path, newline="") as f:
+        for r in _csv.DictReader(f):
+            if not (r["policy_us"] and r["stock_us"]) or r["policy"] == STOCK:
+                continue
+            name = r["layer"]
+            layers.setdefault(name, (MoEShape(int(r["E"]), int(r["K"]), int(r["N"]),
+                                              int(r["topk"])), r["scheme"]))
+            times[(name, int(r["M"]))].update({r["policy"]: float(r["policy_us"]),
+                                               STOCK: float(r["stock_us"])})
+
+
+def derive(folder: Path, margin: float = POLICY_MARGIN,
+           validations: tuple[Path, ...] = ()) -> list[PolicyRow]:
     times, layers, arch, cus = read_sweep(folder)
+    for v in validations:
+        add_validation(v, times, layers)
     classes: dict[tuple, list[str]] = defaultdict(list)
     for name, (shape, family) in layers.items():
         classes[layer_class(shape, family)].append(name)
@@ -91,8 +110,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("sweep", help="folder of a policy sweep (tune logs)")
     p.add_argument("-o", "--output", default=str(POLICY_FILE))
+    p.add_argument("--validation", nargs="*", default=[],
+                   help="validation.csv files whose layers join their classes")
     args = p.parse_args()
-    rows = derive(Path(args.sweep))
+    rows = derive(Path(args.sweep), validations=tuple(Path(v) for v in args.validation))
     with open(args.output, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(POLICY_COLUMNS), lineterminator="\n")
         w.writeheader()

@@ -253,16 +253,14 @@ def test_dispatch_matching_filters(tmp_path):
         assert DispatchTable.for_layer(config_dir=tmp_path, **args).describe() == want
 
 
-def test_dispatch_empty_is_stock_with_hint(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="vllm_moe_aot.configs"):
-        t = DispatchTable.for_layer(QWEN.shape, QWEN.scheme, GPU, ARCH, tmp_path)
-    assert t.is_empty and t.describe() == []
+def test_dispatch_empty_is_stock(tmp_path):
+    t = DispatchTable.for_layer(QWEN.shape, QWEN.scheme, GPU, ARCH, tmp_path,
+                                default_policy=False)
+    assert t.is_empty and t.describe() == [] and t.origin == "none"
     assert t.choose(1) == "stock" and t.choose(100000) == "stock"
-    msgs = [r.getMessage() for r in caplog.records]
-    assert len(msgs) == 1 and "vllm-moe-aot tune" in msgs[0]
     # a missing folder behaves the same
     assert DispatchTable.for_layer(QWEN.shape, QWEN.scheme, GPU, ARCH,
-                                   tmp_path / "missing").is_empty
+                                   tmp_path / "missing", default_policy=False).is_empty
 
 
 def test_dispatch_first_file_wins_and_reload_on_change(tmp_path):
@@ -279,5 +277,6 @@ def test_dispatch_first_file_wins_and_reload_on_change(tmp_path):
 
 
 def test_shipped_dir_without_tuned_rows_is_fine():
-    t = DispatchTable.for_layer(HY3.shape, HY3.scheme, "no such gpu", ARCH)
+    t = DispatchTable.for_layer(HY3.shape, HY3.scheme, "no such gpu", ARCH,
+                                default_policy=False)
     assert t.is_empty and t.choose(7) == "stock"

@@ -109,7 +109,7 @@ def test_no_tuned_rows_is_stock_everywhere_with_one_tuning_hint(plugin_on, fake_
         x = torch.randn(1, SHAPE.K).bfloat16()
         tw, ids = support.routing(1, SHAPE.E, SHAPE.topk)
         assert experts.route(x, tw, ids, experts.moe_config.activation, None, False) == "stock"
-    hints = moe_logs.matching("vllm-moe-aot tune -i")
+    hints = moe_logs.matching("vllm-moe-aot tune --model")
     assert len(hints) == 1, moe_logs.messages
     assert "no tuned configs for E=16,K=128,N=32,topk=2 fp8_ptpc" in hints[0]
 
@@ -305,4 +305,4 @@ def test_malformed_config_rows_are_skipped(plugin_on, fake_ops, tuned_dir, pipel
             experts = build("ct_channel_token").fused_experts
     assert experts.fallback_reason is None and not experts.metadata.uses_pipeline
     assert any(f"{path.name}:2:" in r.getMessage() for r in caplog.records), caplog.text
-    assert len(moe_logs.matching("vllm-moe-aot tune -i")) == 1
+    assert len(moe_logs.matching("vllm-moe-aot tune --model")) == 1

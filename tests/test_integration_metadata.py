@@ -49,8 +49,8 @@ def test_tune_hint_names_the_untuned_file(tmp_path):
     assert tune_hint(hy3_tp4, Scheme.FP8_PER_TENSOR_DYNAMIC, 4, tmp_path).startswith(
         f"python -m vllm_moe_aot.configs --generate --tp 4 --config-dir {tmp_path}, then "
         f"vllm-moe-aot tune -i {tmp_path}/hy3_fp8_per_tensor_tp4.untuned.csv")
-    assert "configs/<model>_fp8_ptpc_tp1.untuned.csv" in tune_hint(SHAPE, Scheme.FP8_PTPC, 1,
-                                                                   tmp_path)
+    assert "vllm-moe-aot tune --model <checkpoint or config.json> --tp 1 --scheme fp8_ptpc" \
+        in tune_hint(SHAPE, Scheme.FP8_PTPC, 1, tmp_path)
 
 
 def test_layers_of_one_shape_share_pipeline_and_table(tmp_path, monkeypatch):
