@@ -55,7 +55,7 @@ ACTIVATIONS = ("silu",)
 SCHEME_FAMILIES = ("fp8_ptpc", "fp8_per_tensor")
 BACKENDS = ("aot", "stock")
 #: what :meth:`DispatchTable.choose` returns for the stock path
-STOCK = "stock"
+from vllm_moe_aot.contract import STOCK  # noqa: E402  (re-exported)
 
 
 class ConfigError(Exception):

@@ -34,7 +34,7 @@ POLICY_FILE = Path(__file__).resolve().parent / "default_policy.csv"
 POLICY_COLUMNS = ("arch", "sm_count", "scheme", "n_max", "topk_max", "tokens", "choice",
                   "worst_speedup", "e_min", "e_max", "k_min", "k_max", "n_min", "n_seen_max",
                   "layers")
-STOCK = "stock"
+from vllm_moe_aot.contract import STOCK  # noqa: E402  (re-exported)
 
 #: how far outside a class's surveyed E, K and N range the policy still applies
 RANGE_FACTOR = 2.0
