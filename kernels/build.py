@@ -1,6 +1,6 @@
 """AOT build: compile every :class:`~kernels.spec.KernelSpec` for each target, write the manifest.
 
-``vllm-moe-aot build`` (see :mod:`vllm_moe_aot.build_cli`) drives :func:`build`, :func:`check`
+``vllm-moe-aot build`` (see :mod:`vllm_moe_aot.cli.build`) drives :func:`build`, :func:`check`
 and :func:`listing`. For each (spec, target) the build calls ``triton.compile`` on an
 ``ASTSource`` with the spec's explicit signature (constexprs listed as ``"constexpr"``),
 resolved constexprs and ``tt.divisibility`` hints, writes ``<out>/<target>/<name>.<suffix>``

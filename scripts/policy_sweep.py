@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vllm_moe_aot.configs import RowKey, write_untuned  # noqa: E402
+from vllm_moe_aot.dispatch.configs import RowKey, write_untuned  # noqa: E402
 from vllm_moe_aot.dispatch.policy import SURVEY_LAYERS, candidate_pool  # noqa: E402
 from vllm_moe_aot.pipeline import FusedMoE  # noqa: E402
 from vllm_moe_aot.shapes import TUNED_TOKEN_COUNTS  # noqa: E402

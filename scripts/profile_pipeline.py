@@ -21,11 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from vllm_moe_aot.measure.peers.vllm_triton import get_stock_provider  # noqa: E402
+from vllm_moe_aot.measure.timing import time_graph  # noqa: E402
+from vllm_moe_aot.measure.workload import make_problem  # noqa: E402
 from vllm_moe_aot.pipeline import FusedMoE  # noqa: E402
 from vllm_moe_aot.shapes import PRESETS  # noqa: E402
-from vllm_moe_aot.stock import get_stock_provider  # noqa: E402
-from vllm_moe_aot.timing import time_graph  # noqa: E402
-from vllm_moe_aot.workload import make_problem  # noqa: E402
 
 REPS = 5
 

@@ -20,13 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vllm_moe_aot.configs import DispatchTable, RowKey, read_tuned  # noqa: E402
 from vllm_moe_aot.device import identify  # noqa: E402
+from vllm_moe_aot.dispatch.configs import DispatchTable, RowKey, read_tuned  # noqa: E402
 from vllm_moe_aot.dispatch.policy import SURVEY_LAYERS, SurveyLayer  # noqa: E402
+from vllm_moe_aot.measure.peers.vllm_triton import get_stock_provider  # noqa: E402
+from vllm_moe_aot.measure.timing import device_info, require_gpu  # noqa: E402
+from vllm_moe_aot.measure.tuner import LayerBackend, tune_key  # noqa: E402
 from vllm_moe_aot.shapes import PRESETS, TUNED_TOKEN_COUNTS  # noqa: E402
-from vllm_moe_aot.stock import get_stock_provider  # noqa: E402
-from vllm_moe_aot.timing import device_info, require_gpu  # noqa: E402
-from vllm_moe_aot.tuner import LayerBackend, tune_key  # noqa: E402
 
 H100 = "NVIDIA H100 80GB HBM3"
 

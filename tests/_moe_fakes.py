@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_moe_aot.reference import reference_moe
+from vllm_moe_aot.measure.reference import reference_moe
 from vllm_moe_aot.shapes import MoEShape, Scheme
 
 #: variant -> (quantize_activations, output multiplier; 1.0 is correct)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_moe_aot.measure.reference import gate, reference_moe
 from vllm_moe_aot.pipeline import FusedMoE
-from vllm_moe_aot.reference import gate, reference_moe
 from vllm_moe_aot.shapes import MoEShape, Scheme
 
 FP8 = torch.float8_e4m3fn

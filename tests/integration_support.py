@@ -306,7 +306,7 @@ def forward(layer: Layer, x: torch.Tensor, topk_weights: torch.Tensor,
 
 def reference(layer: Layer, x, topk_weights, topk_ids, quantize_activations: bool = True):
     """float64 reference of the layer as loaded (scales as the experts object holds them)."""
-    from vllm_moe_aot.reference import reference_moe
+    from vllm_moe_aot.measure.reference import reference_moe
 
     qc = layer.fused_experts.quant_config
     ex = layer.experts
@@ -322,8 +322,8 @@ def write_tuned(directory, shape, scheme, choices: dict[int, str], gpu: str = "c
     """A tuned CSV whose rows send batch size M to ``choices[M]`` ("stock" or a variant)."""
     from pathlib import Path
 
-    from vllm_moe_aot.configs import RowKey, TunedRow
-    from vllm_moe_aot.configs import write_tuned as _write
+    from vllm_moe_aot.dispatch.configs import RowKey, TunedRow
+    from vllm_moe_aot.dispatch.configs import write_tuned as _write
 
     rows = [TunedRow(key=RowKey.of(shape, scheme, m), gpu=gpu, arch=arch, cu_num=1,
                      backend="stock" if c == "stock" else "aot",

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from tests._moe_fakes import DEFAULT_VARIANTS, FakeFusedMoE, factory
-from vllm_moe_aot import bench
 from vllm_moe_aot.cli import main
+from vllm_moe_aot.measure import bench
 from vllm_moe_aot.shapes import PRESETS, MoEShape
 
 QWEN = PRESETS["qwen3.5-397b-a17b"].shape
@@ -194,10 +194,10 @@ def test_bench_cpu_real_pipeline_end_to_end(tmp_path, capsys):
 
 _STOCK_SCRIPT = r"""
 import torch
-from vllm_moe_aot.reference import gate
+from vllm_moe_aot.measure.reference import gate
 from vllm_moe_aot.shapes import MoEShape, Scheme
-from vllm_moe_aot.stock import StockProvider, _vllm_stock_impl
-from vllm_moe_aot.workload import make_problem
+from vllm_moe_aot.measure.peers.vllm_triton import StockProvider, _vllm_stock_impl
+from vllm_moe_aot.measure.workload import make_problem
 
 prov = StockProvider("vllm_stock", _vllm_stock_impl(), channel_scale_3d=False)
 for scheme in Scheme:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_moe_aot import configs as C
-from vllm_moe_aot.configs import (
+from vllm_moe_aot.dispatch import configs as C
+from vllm_moe_aot.dispatch.configs import (
     KEY_COLUMNS,
     TUNED_COLUMNS,
     DispatchTable,
@@ -157,7 +157,7 @@ def test_malformed_rows_reported_with_file_and_line(tmp_path, caplog):
     for i in issues:
         assert str(i).startswith(f"{p}:{i.line}: ")
     # the dispatch table loads the same file without raising and logs every issue
-    with caplog.at_level(logging.WARNING, logger="vllm_moe_aot.configs"):
+    with caplog.at_level(logging.WARNING, logger="vllm_moe_aot.dispatch.configs"):
         t = DispatchTable.for_layer(HY3.shape, HY3.scheme, "H100", "sm_90a", tmp_path)
     assert t.describe() == [(1, "gemv_a"), (8192, "gemv_a")]
     assert sum(f"{p}:" in r.getMessage() for r in caplog.records) == 14

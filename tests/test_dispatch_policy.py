@@ -2,7 +2,7 @@
 
 import pytest
 
-from vllm_moe_aot.configs import DispatchTable, gpu_family
+from vllm_moe_aot.dispatch.configs import DispatchTable, gpu_family
 from vllm_moe_aot.dispatch.policy import POLICY_MARGIN, default_dispatch, layer_class, load_policy
 from vllm_moe_aot.shapes import PRESETS, MoEShape, Scheme
 

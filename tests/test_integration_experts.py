@@ -119,7 +119,7 @@ def test_no_tuned_rows_is_stock_everywhere_with_one_tuning_hint(plugin_on, fake_
 @pytest.mark.parametrize("kind", ROUTED_KINDS)
 def test_apply_routes_tuned_batches_to_the_pipeline(kind, plugin_on, fake_ops, tuned_dir,
                                                     pipeline_kind, monkeypatch):
-    from vllm_moe_aot.reference import gate
+    from vllm_moe_aot.measure.reference import gate
 
     scheme = support.scheme_of(kind)
     v1, v2 = support.pick_variants(SHAPE, scheme, pipeline_kind)
@@ -300,7 +300,7 @@ def test_malformed_config_rows_are_skipped(plugin_on, fake_ops, tuned_dir, pipel
     lines[1] = lines[1].replace(",10.000,", ",not-a-number,", 1)
     assert "not-a-number" in lines[1]
     path.write_text("\n".join(lines) + "\n")
-    with caplog.at_level(logging.WARNING, logger="vllm_moe_aot.configs"):
+    with caplog.at_level(logging.WARNING, logger="vllm_moe_aot.dispatch.configs"):
         with support.cpu_vllm():
             experts = build("ct_channel_token").fused_experts
     assert experts.fallback_reason is None and not experts.metadata.uses_pipeline

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from vllm_moe_aot.configs import read_untuned, untuned_name
-from vllm_moe_aot.model_config import (
+from vllm_moe_aot.dispatch.configs import read_untuned, untuned_name
+from vllm_moe_aot.measure.model_config import (
     ModelConfigError,
     ModelMoE,
     config_stem,

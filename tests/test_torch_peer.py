@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_moe_aot.reference import gate
+from vllm_moe_aot.measure.peers.torch_grouped import TorchGroupedMoE
+from vllm_moe_aot.measure.reference import gate
+from vllm_moe_aot.measure.workload import make_problem
 from vllm_moe_aot.shapes import MoEShape, Scheme
-from vllm_moe_aot.torch_peer import TorchGroupedMoE
-from vllm_moe_aot.workload import make_problem
 
 
 @pytest.mark.parametrize("scheme", list(Scheme))

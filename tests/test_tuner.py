@@ -10,18 +10,18 @@ import pytest
 import torch
 
 from tests._moe_fakes import FakeFusedMoE, FakeStock, factory
-from vllm_moe_aot import tuner
-from vllm_moe_aot.configs import (
+from vllm_moe_aot.dispatch.configs import (
     TUNED_COLUMNS,
     RowKey,
     read_tuned,
     write_tuned,
     write_untuned,
 )
-from vllm_moe_aot.reference import GateResult
+from vllm_moe_aot.measure import tuner
+from vllm_moe_aot.measure.reference import GateResult
+from vllm_moe_aot.measure.timing import DeviceInfo
+from vllm_moe_aot.measure.tuner import Candidate, CandidateResult, LayerBackend, select_winner
 from vllm_moe_aot.shapes import MoEShape, Scheme
-from vllm_moe_aot.timing import DeviceInfo
-from vllm_moe_aot.tuner import Candidate, CandidateResult, LayerBackend, select_winner
 
 DEV = DeviceInfo(name="Fake GPU 80GB", arch="sm_90a", cu_num=132, l2_bytes=50 << 20,
                  total_bytes=80 << 30)

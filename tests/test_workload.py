@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_moe_aot import timing, workload
-from vllm_moe_aot.reference import fp8_max, gate
+from vllm_moe_aot.measure import timing, workload
+from vllm_moe_aot.measure.reference import fp8_max, gate
+from vllm_moe_aot.measure.workload import make_problem, make_problems, rotation_count
 from vllm_moe_aot.shapes import MoEShape, Scheme
-from vllm_moe_aot.workload import make_problem, make_problems, rotation_count
 
 SHAPE = MoEShape(E=8, K=256, N=64, topk=4)
 
@@ -118,7 +118,7 @@ def test_timing_needs_a_gpu():
                timing.measure_fp8_flops, timing.device_info, timing.require_gpu):
         with pytest.raises(timing.NoGPUError, match="needs a CUDA or ROCm GPU"):
             fn()
-    from vllm_moe_aot.stock import LAST_PROBE, get_stock_provider
+    from vllm_moe_aot.measure.peers.vllm_triton import LAST_PROBE, get_stock_provider
 
     assert get_stock_provider() is None and "no GPU" in LAST_PROBE["all"]
     assert get_stock_provider("cpu") is None

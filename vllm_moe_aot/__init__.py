@@ -1,8 +1,11 @@
 """vllm-moe-aot: ahead-of-time compiled FP8 fused-MoE kernels for vLLM.
 
-The core (contract, pipeline, runtime, configs, tuner, bench) imports no vLLM;
-:mod:`vllm_moe_aot.integration` does, only when :func:`register` is asked to act, and so does
-:mod:`vllm_moe_aot.stock` when a tool asks it for vLLM's own kernel to compare against.
+Layout: the serving core (``runtime``, ``pipeline``, ``dispatch``, ``integration``, with the
+shared ``contract``, ``shapes`` and ``device``) runs inside vLLM; ``measure`` (bench, tune,
+timing, workload, reference, peers) only measures; ``cli`` holds the commands. Only
+:mod:`vllm_moe_aot.integration` imports vLLM, and only when :func:`register` is asked to act;
+the measuring side's :mod:`vllm_moe_aot.measure.peers.vllm_triton` does when a tool asks it for
+vLLM's own kernel to compare against.
 """
 
 from __future__ import annotations

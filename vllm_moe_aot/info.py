@@ -1,6 +1,6 @@
 """What ``vllm-moe-aot info`` reports: platform, code objects, tuned configs and dispatch.
 
-The library the command (:mod:`vllm_moe_aot.info_cli`) and the vLLM plugin read.
+The library the command (:mod:`vllm_moe_aot.cli.info`) and the vLLM plugin read.
 
 Also the one place that says which GPU this is in the names the build and the configs use
 (:func:`detect_platform`, from :func:`vllm_moe_aot.device.identify`); the vLLM plugin logs
@@ -20,13 +20,11 @@ import torch
 from vllm_moe_aot import BACKEND_NAME, __version__, caches
 from vllm_moe_aot.contract import INTERPRETER as INTERPRETER_ARCH
 from vllm_moe_aot.device import cuda_arch, identify
+from vllm_moe_aot.dispatch.configs import DEFAULT_CONFIG_DIR
 from vllm_moe_aot.integration import CONFIG_DIR_ENV  # vLLM-free constants
 from vllm_moe_aot.shapes import MoEShape, Scheme
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-SHIPPED_CONFIG_DIR = PACKAGE_DIR / "configs"
-
-__all__ = ["INTERPRETER_ARCH", "SHIPPED_CONFIG_DIR", "PlatformInfo", "code_objects_per_target",
+__all__ = ["INTERPRETER_ARCH", "PlatformInfo", "code_objects_per_target",
            "config_dir", "config_dir_arg", "cuda_arch", "describe_dispatch", "detect_platform",
            "devices_in_configs", "manifest_path", "platform_info", "read_code_objects",
            "summary_line", "tuned_config_files"]
@@ -125,7 +123,7 @@ def code_objects_per_target(manifest: Path | None = None) -> dict[str, int]:
 def config_dir(override: str | os.PathLike | None = None) -> Path:
     """Directory holding the tuned CSVs: ``override``, ``$VLLM_MOE_AOT_CONFIG_DIR`` or shipped."""
     chosen = override or os.environ.get(CONFIG_DIR_ENV)
-    return Path(chosen) if chosen else SHIPPED_CONFIG_DIR
+    return Path(chosen) if chosen else DEFAULT_CONFIG_DIR
 
 
 def config_dir_arg(override: str | os.PathLike | None = None) -> Path | None:
@@ -159,7 +157,7 @@ def devices_in_configs(files: list[Path], shape: MoEShape | None = None,
                        scheme: Scheme | None = None) -> list[tuple[str, str]]:
     """Distinct ``(device name, arch)`` pairs the tuned CSVs hold rows for (for ``shape`` and
     ``scheme`` when given). Malformed rows are skipped here; the dispatch table reports them."""
-    from vllm_moe_aot.configs import RowKey, read_tuned
+    from vllm_moe_aot.dispatch.configs import RowKey, read_tuned
 
     layer = RowKey.of(shape, scheme, 1).layer() if shape is not None else None
     seen: set[tuple[str, str]] = set()
@@ -175,7 +173,7 @@ def devices_in_configs(files: list[Path], shape: MoEShape | None = None,
 def describe_dispatch(shape: MoEShape, scheme: Scheme, gpu_name: str, arch: str,
                       directory: Path | None, sm_count: int | None = None) -> list[str]:
     """Lines saying which M buckets go to the AOT pipeline and which to stock."""
-    from vllm_moe_aot.configs import DispatchTable
+    from vllm_moe_aot.dispatch.configs import DispatchTable
 
     table = DispatchTable.for_layer(shape, scheme, gpu_name, arch, config_dir=directory,
                                     sm_count=sm_count)

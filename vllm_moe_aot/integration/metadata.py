@@ -71,7 +71,7 @@ def normalize_activation_scale(scale: torch.Tensor | None, name: str) -> torch.T
 def tune_hint(shape: MoEShape, scheme: Scheme, tp_size: int | None,
               directory: Path | None = None) -> str:
     """The command(s) that would produce tuned rows for this layer shape."""
-    from vllm_moe_aot.configs import preset_shape, untuned_name
+    from vllm_moe_aot.dispatch.configs import preset_shape, untuned_name
 
     directory = config_dir() if directory is None else directory
     for preset in PRESETS.values():
@@ -88,7 +88,7 @@ def tune_hint(shape: MoEShape, scheme: Scheme, tp_size: int | None,
             step = (f"vllm-moe-aot tune -i {directory / untuned} -o {directory / tuned}")
             if (directory / untuned).is_file():
                 return step
-            return (f"python -m vllm_moe_aot.configs --generate --tp {tp} --config-dir "
+            return (f"python -m vllm_moe_aot.dispatch.configs --generate --tp {tp} --config-dir "
                     f"{directory}, then {step}")
     tp = tp_size or "<T>"
     return (f"vllm-moe-aot tune --model <checkpoint or config.json> --tp {tp} --scheme "
@@ -102,7 +102,7 @@ def dispatch_table(shape: MoEShape, scheme: Scheme, gpu_name: str, arch: str,
     with _lock:
         if key in _tables:
             return _tables[key]
-    from vllm_moe_aot.configs import DispatchTable
+    from vllm_moe_aot.dispatch.configs import DispatchTable
 
     table = DispatchTable.for_layer(shape, scheme, gpu_name, arch, config_dir=directory,
                                     sm_count=sm_count)

@@ -187,7 +187,7 @@ def measure_fp8_flops(n: int = 8192, iters: int = 20,
     bf16 out): median of ``iters`` runs."""
     dev = require_gpu("the fp8 FLOP/s measurement")
     if fp8_dtype is None:
-        from vllm_moe_aot.workload import default_fp8_dtype
+        from vllm_moe_aot.measure.workload import default_fp8_dtype
 
         fp8_dtype = default_fp8_dtype(dev)
     a = torch.randn(n, n, device=dev).to(fp8_dtype)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_moe_aot.reference import fp8_max, reference_moe
+from vllm_moe_aot.measure.reference import fp8_max, reference_moe
 from vllm_moe_aot.shapes import MoEShape, Scheme
 
 #: Elements generated per chunk when drawing weights (bounds temporary float32 memory).

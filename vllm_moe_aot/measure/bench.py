@@ -82,7 +82,7 @@ class BenchRow:
     us: float | None = None
     stock_us: float | None = None
     speedup: float | None = None  # over stock
-    torch_us: float | None = None  # the torch grouped-GEMM peer (vllm_moe_aot.torch_peer)
+    torch_us: float | None = None  # the torch grouped-GEMM peer (measure.peers.torch_grouped)
     best_peer: str | None = None  # the faster of stock and torch at this M
     best_peer_us: float | None = None
     speedup_best: float | None = None  # over the best peer
@@ -192,7 +192,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def resolve_layer(args) -> tuple[MoEShape, Scheme, str]:
     """(shape, scheme, name) from --preset/--tp or --shape/--scheme; ValueError for a layer
     that :func:`~vllm_moe_aot.shapes.unsupported_reason` rejects."""
-    from vllm_moe_aot.configs import preset_shape
+    from vllm_moe_aot.dispatch.configs import preset_shape
 
     if args.shape:
         if not args.scheme and not args.preset:
@@ -304,7 +304,7 @@ def _interpreter_missing() -> str | None:
         return ("the CPU path runs the kernels' Triton sources in Triton's interpreter and "
                 "needs triton 3.8, which is not installed: pip install 'triton~=3.8.0' (or "
                 "install vllm-moe-aot with its [cpu-demo] extra)")
-    checkout = Path(__file__).resolve().parents[1] / "kernels" / "__init__.py"
+    checkout = Path(__file__).resolve().parents[2] / "kernels" / "__init__.py"
     if importlib.util.find_spec("kernels") is None and not checkout.is_file():
         return ("the CPU path needs the kernels' Triton sources (the `kernels` package, which "
                 "the wheel ships beside vllm_moe_aot) and cannot import them: reinstall from "
@@ -339,8 +339,8 @@ def run_cpu(args, shape: MoEShape, scheme: Scheme, name: str, moe_factory=None) 
                                 *_argv_from_args(args)], env=env)
     import torch
 
-    from vllm_moe_aot.reference import gate
-    from vllm_moe_aot.workload import make_problem
+    from vllm_moe_aot.measure.reference import gate
+    from vllm_moe_aot.measure.workload import make_problem
 
     small = cpu_shape(shape)
     tokens = tuple(args.tokens) if args.tokens else CPU_TOKENS
@@ -448,8 +448,8 @@ def _print_skipped(skipped: Sequence[str]) -> None:
 def run_gpu(args, shape: MoEShape, scheme: Scheme, name: str) -> int:
     import torch
 
-    from vllm_moe_aot.configs import DispatchTable
-    from vllm_moe_aot.timing import (
+    from vllm_moe_aot.dispatch.configs import DispatchTable
+    from vllm_moe_aot.measure.timing import (
         device_info,
         measure_fp8_flops,
         measure_hbm_bandwidth,
@@ -477,7 +477,7 @@ def run_gpu(args, shape: MoEShape, scheme: Scheme, name: str) -> int:
         print(f"warning: {report.notes[-1]}")
     stock = None
     if args.stock != "none":
-        from vllm_moe_aot.stock import describe_probe, get_stock_provider
+        from vllm_moe_aot.measure.peers.vllm_triton import describe_probe, get_stock_provider
 
         stock = get_stock_provider(dev, prefer=None if args.stock == "auto" else args.stock)
         if stock is None:
@@ -486,7 +486,7 @@ def run_gpu(args, shape: MoEShape, scheme: Scheme, name: str) -> int:
     peer = None
     if args.torch_peer != "none":
         if hasattr(torch, "_scaled_grouped_mm") and info.arch.startswith("sm_90"):
-            from vllm_moe_aot.torch_peer import TorchGroupedMoE
+            from vllm_moe_aot.measure.peers.torch_grouped import TorchGroupedMoE
 
             peer = TorchGroupedMoE(scheme)
         else:
@@ -541,9 +541,9 @@ def _gpu_rows_at(M, shape, scheme, dev, info, bw, peak, moe, stock, avail, varia
     tokens; with ``host``, also the host time of one eager call of each."""
     import torch
 
-    from vllm_moe_aot.reference import gate
-    from vllm_moe_aot.timing import host_time, time_graph
-    from vllm_moe_aot.workload import make_problems, rotation_count
+    from vllm_moe_aot.measure.reference import gate
+    from vllm_moe_aot.measure.timing import host_time, time_graph
+    from vllm_moe_aot.measure.workload import make_problems, rotation_count
 
     sets = rotation_count(shape, M, info.l2_bytes, torch.cuda.mem_get_info(dev)[0])
     problems = make_problems(shape, scheme, M, sets, dev, seed=4242 + M)

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if build is None:
         print(_NO_SOURCES, file=sys.stderr)
         return 2
-    out = args.out if args.out is not None else Path(__file__).resolve().parent / "artifacts"
+    out = args.out if args.out is not None else root / "vllm_moe_aot" / "artifacts"
     sel = {"targets": args.target, "kernels": args.kernels, "families": args.family}
     try:
         if args.list:

@@ -14,10 +14,12 @@ import sys
 
 # subcommand -> (module, help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "build": ("vllm_moe_aot.build_cli", "compile kernel variants into code objects + manifest"),
-    "info": ("vllm_moe_aot.info_cli", "show platform, code objects, configs and dispatch"),
-    "bench": ("vllm_moe_aot.bench", "benchmark the AOT pipeline against stock and the floors"),
-    "tune": ("vllm_moe_aot.tuner", "tune per-batch-size dispatch end to end, write tuned CSV"),
+    "build": ("vllm_moe_aot.cli.build", "compile kernel variants into code objects + manifest"),
+    "info": ("vllm_moe_aot.cli.info", "show platform, code objects, configs and dispatch"),
+    "bench": ("vllm_moe_aot.measure.bench",
+              "benchmark the AOT pipeline against stock and the floors"),
+    "tune": ("vllm_moe_aot.measure.tuner",
+             "tune per-batch-size dispatch end to end, write tuned CSV"),
 }
 
 
@@ -43,6 +45,3 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     return status
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -36,10 +36,10 @@ import pandas as pd
 
 from vllm_moe_aot.shapes import PRESETS, TUNED_TOKEN_COUNTS, MoEShape, Preset, Scheme
 
-logger = logging.getLogger("vllm_moe_aot.configs")
+logger = logging.getLogger("vllm_moe_aot.dispatch.configs")
 
 #: The package's config folder (the repo's top-level ``configs/`` is a symlink to it).
-DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 KEY_COLUMNS: tuple[str, ...] = (
     "tokens", "model_dim", "inter_dim", "experts", "topk", "activation", "scheme",
@@ -586,7 +586,7 @@ class DispatchTable:
 
 def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m vllm_moe_aot.configs",
+        prog="python -m vllm_moe_aot.dispatch.configs",
         description="Regenerate the shipped untuned CSVs, or check config files.")
     p.add_argument("--generate", action="store_true",
                    help="rewrite <config-dir>/<preset>_<scheme>_tp<T>.untuned.csv")

@@ -28,10 +28,10 @@ from collections.abc import Callable
 import torch
 
 from vllm_moe_aot import caches
+from vllm_moe_aot.measure.workload import MoEProblem
 from vllm_moe_aot.shapes import Scheme
-from vllm_moe_aot.workload import MoEProblem
 
-logger = logging.getLogger("vllm_moe_aot.stock")
+logger = logging.getLogger("vllm_moe_aot.measure.peers.vllm_triton")
 
 #: why the last :func:`get_stock_provider` call returned what it did, per candidate
 LAST_PROBE: dict[str, str] = {}
@@ -112,9 +112,9 @@ def _vllm_stock_impl() -> Callable[..., torch.Tensor]:
 
 def _smoke(provider: StockProvider, device: torch.device) -> None:
     """Run a tiny problem of each scheme family; raises if the path cannot run here."""
-    from vllm_moe_aot.reference import gate
+    from vllm_moe_aot.measure.reference import gate
+    from vllm_moe_aot.measure.workload import make_problem
     from vllm_moe_aot.shapes import MoEShape
-    from vllm_moe_aot.workload import make_problem
 
     for scheme in (Scheme.FP8_PTPC, Scheme.FP8_PER_TENSOR_STATIC):
         p = make_problem(MoEShape(E=8, K=256, N=128, topk=2), scheme, 4, device, seed=1)

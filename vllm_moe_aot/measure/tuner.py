@@ -3,13 +3,13 @@
 For every row of an untuned CSV (a layer shape, scheme family and token count ``M``) the
 candidates are every pipeline variant the build compiled for that layer
 (``FusedMoE(...).variants``) plus the stock path when a provider exists (see
-:mod:`vllm_moe_aot.stock`). Each candidate
+:mod:`vllm_moe_aot.measure.peers.vllm_triton`). Each candidate
 
 1. passes the correctness gate first: it runs on fresh random inputs at ``M`` tokens and its
    output (a sample of up to ``--gate-rows`` tokens) is compared with the float64 reference of
    the semantics it implements (``quantize_activations``); failures are listed with their error;
 2. is then timed end to end (bf16 ``x`` + routing -> bf16 out, every launch included) under
-   CUDA-graph replay over rotated input sets (:func:`vllm_moe_aot.timing.time_graph`).
+   CUDA-graph replay over rotated input sets (:func:`vllm_moe_aot.measure.timing.time_graph`).
 
 The winner is the AOT variant with the smallest time if it beats stock by at least
 ``--min-gain`` (default :data:`MIN_GAIN`, 3%), else stock: run-to-run spread of the medians is
@@ -20,8 +20,8 @@ Every candidate's outcome goes to ``<out>.log``. The exit status is non-zero whe
 not be tuned (no candidate passed).
 
 ``--model <config.json or checkpoint folder> --tp T [--ep E]`` derives the rows instead of
-reading ``-i``: :mod:`vllm_moe_aot.model_config` reads the routed-MoE fields, the per-rank layer
-is checked with :func:`~vllm_moe_aot.shapes.unsupported_reason`, and
+reading ``-i``: :mod:`vllm_moe_aot.measure.model_config` reads the routed-MoE fields, the
+per-rank layer is checked with :func:`~vllm_moe_aot.shapes.unsupported_reason`, and
 ``<config-dir>/<model>_<scheme>_tp<T>[_ep<E>].untuned.csv`` (every tuned token count) is written
 before anything needs a GPU; the tuned CSV goes next to it, where ``VLLM_MOE_AOT_CONFIG_DIR``
 points vLLM.
@@ -51,7 +51,8 @@ from typing import Protocol
 import torch
 
 import vllm_moe_aot
-from vllm_moe_aot.configs import (
+from vllm_moe_aot.contract import STOCK
+from vllm_moe_aot.dispatch.configs import (
     ConfigIssue,
     RowKey,
     TunedRow,
@@ -60,10 +61,9 @@ from vllm_moe_aot.configs import (
     scheme_of_family,
     write_tuned,
 )
-from vllm_moe_aot.contract import STOCK
-from vllm_moe_aot.reference import GateResult, gate
+from vllm_moe_aot.measure.reference import GateResult, gate
+from vllm_moe_aot.measure.timing import DeadlineExceeded, DeviceInfo
 from vllm_moe_aot.shapes import MoEShape, Scheme
-from vllm_moe_aot.timing import DeadlineExceeded, DeviceInfo
 
 # ------------------------------------------------------------------------------ results
 
@@ -153,7 +153,7 @@ Timer = Callable[..., float]  # timer(fns, *, deadline, name) -> µs of one call
 
 
 def graph_timer(fns, *, deadline=None, name="") -> float:
-    from vllm_moe_aot.timing import time_graph
+    from vllm_moe_aot.measure.timing import time_graph
 
     return time_graph(fns, deadline=deadline).us
 
@@ -230,7 +230,7 @@ class LayerBackend:
 
     # -- gate
     def begin(self, key: RowKey) -> None:
-        from vllm_moe_aot.workload import make_problem
+        from vllm_moe_aot.measure.workload import make_problem
 
         self._gate = make_problem(key.shape, scheme_of_family(key.scheme), key.tokens,
                                   self.dev, seed=self.seed + 2 * key.tokens,
@@ -264,7 +264,7 @@ class LayerBackend:
 
     # -- timing
     def prepare_timing(self, key: RowKey) -> None:
-        from vllm_moe_aot.workload import make_problems, rotation_count
+        from vllm_moe_aot.measure.workload import make_problems, rotation_count
 
         self._gate = None
         self._refs = {}
@@ -291,7 +291,7 @@ class LayerBackend:
     def experts_touched(self, key: RowKey) -> float:
         if self._timing:
             return sum(p.experts_touched() for p in self._timing) / len(self._timing)
-        from vllm_moe_aot.workload import expected_experts_touched
+        from vllm_moe_aot.measure.workload import expected_experts_touched
 
         return expected_experts_touched(key.shape, key.tokens)
 
@@ -636,9 +636,9 @@ def _prepare_model(args: argparse.Namespace) -> tuple[Path, Path, str] | int:
     exit status. Nothing here needs a GPU."""
     import os
 
-    from vllm_moe_aot.configs import write_untuned
+    from vllm_moe_aot.dispatch.configs import write_untuned
     from vllm_moe_aot.integration import CONFIG_DIR_ENV  # vLLM-free constant
-    from vllm_moe_aot.model_config import (
+    from vllm_moe_aot.measure.model_config import (
         ModelConfigError,
         config_stem,
         per_rank_shape,
@@ -738,7 +738,7 @@ def run(args: argparse.Namespace, backend: TuneBackend | None = None) -> int:
             print(f"warning: {out} has {len(out_issues)} malformed row(s) that the rewrite "
                   f"drops; the original is saved as {bak}", file=sys.stderr)
     if backend is None:
-        from vllm_moe_aot.timing import NoGPUError, device_info, require_gpu
+        from vllm_moe_aot.measure.timing import NoGPUError, device_info, require_gpu
 
         try:
             dev = require_gpu("vllm-moe-aot tune")
@@ -748,7 +748,7 @@ def run(args: argparse.Namespace, backend: TuneBackend | None = None) -> int:
             return 2
         stock = None
         if args.stock != "none":
-            from vllm_moe_aot.stock import describe_probe, get_stock_provider
+            from vllm_moe_aot.measure.peers.vllm_triton import describe_probe, get_stock_provider
 
             stock = get_stock_provider(dev, prefer=None if args.stock == "auto" else args.stock)
             if stock is None:

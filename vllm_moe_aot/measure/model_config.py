@@ -248,6 +248,6 @@ def per_rank_shape(moe: ModelMoE, tp: int = 1, ep: int = 1) -> MoEShape:
 
 def config_stem(name: str, scheme: Scheme | str, tp: int, ep: int = 1) -> str:
     """``<model>_<scheme family>_tp<T>[_ep<E>]``, the configs' file-name stem (see
-    :func:`vllm_moe_aot.configs.untuned_name`)."""
+    :func:`vllm_moe_aot.dispatch.configs.untuned_name`)."""
     family = scheme.family if isinstance(scheme, Scheme) else Scheme.parse(scheme).family
     return f"{name}_{family}_tp{tp}" + (f"_ep{ep}" if ep > 1 else "")

@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import torch
 
+from vllm_moe_aot.measure.workload import MoEProblem
 from vllm_moe_aot.shapes import Scheme
-from vllm_moe_aot.workload import MoEProblem
 
 
 def _fp8_max(dtype: torch.dtype) -> float:
