@@ -25,7 +25,8 @@ from vllm_moe_aot.dispatch.configs import DispatchTable, RowKey, read_tuned  # n
 from vllm_moe_aot.dispatch.policy import SURVEY_LAYERS, SurveyLayer  # noqa: E402
 from vllm_moe_aot.measure.peers.vllm_triton import get_stock_provider  # noqa: E402
 from vllm_moe_aot.measure.timing import device_info, require_gpu  # noqa: E402
-from vllm_moe_aot.measure.tuner import LayerBackend, tune_key  # noqa: E402
+from vllm_moe_aot.measure.tune_backend import LayerBackend  # noqa: E402
+from vllm_moe_aot.measure.tuner import tune_key  # noqa: E402
 from vllm_moe_aot.shapes import PRESETS, TUNED_TOKEN_COUNTS  # noqa: E402
 
 H100 = "NVIDIA H100 80GB HBM3"

@@ -13,7 +13,7 @@ import torch
 
 from tests._moe_fakes import DEFAULT_VARIANTS, FakeFusedMoE, factory
 from vllm_moe_aot.cli import main
-from vllm_moe_aot.measure import bench
+from vllm_moe_aot.measure import bench, bench_gpu, bench_report
 from vllm_moe_aot.shapes import PRESETS, MoEShape
 
 QWEN = PRESETS["qwen3.5-397b-a17b"].shape
@@ -24,16 +24,16 @@ def test_floors_match_the_h100_baseline():
     """shared/baselines/h100-stock-2026-11-25.csv: its floors at its copy rate (3.021 TB/s,
     from Hy3's 192 experts x 4.5 MiB = 149.93 us)."""
     bw = 192 * 3 * 192 * 4096 / 149.93e-6
-    f = bench.floors(QWEN, 1, 10.0, bw, 700e12)
+    f = bench_report.floors(QWEN, 1, 10.0, bw, 700e12)
     assert f.weight_floor_us == pytest.approx(5.21, abs=0.01)  # 10 experts x 1.5 MiB
     assert f.bytes == 10 * 3 * 128 * 4096 + 4 * 4096
     assert f.flops == 2 * 1 * 10 * 3 * 128 * 4096
     assert f.floor_us == f.byte_floor_us  # bytes rule decode
-    f = bench.floors(HY3, 4096, 192.0, bw, 700e12)
+    f = bench_report.floors(HY3, 4096, 192.0, bw, 700e12)
     assert f.weight_floor_us == pytest.approx(149.93, abs=0.01)
     assert f.byte_floor_us == pytest.approx(172.14, abs=0.05)  # + bf16 x and out
     # FLOP-bound at large M: 131072 x 10 x 3NK x 2 / P
-    f = bench.floors(QWEN, 131072, 512.0, bw, 1.2e15)
+    f = bench_report.floors(QWEN, 131072, 512.0, bw, 1.2e15)
     assert f.floor_us == f.flop_floor_us == pytest.approx(2 * 131072 * 10 * 3 * 128 * 4096
                                                            / 1.2e15 * 1e6)
 
@@ -75,7 +75,7 @@ def test_bench_refuses_an_unsupported_shape_before_any_work(shape, scheme, why, 
         raise AssertionError("bench started work on an unsupported shape")
 
     monkeypatch.setattr(bench, "run_cpu", no_work)
-    monkeypatch.setattr(bench, "run_gpu", no_work)
+    monkeypatch.setattr(bench_gpu, "run_gpu", no_work)
     with pytest.raises(ValueError, match="not supported by the AOT pipeline"):
         bench.resolve_layer(_args(preset=None, shape=shape, scheme=scheme))
     assert main(["bench", "--shape", shape, "--scheme", scheme]) == 2

@@ -47,7 +47,7 @@ def test_tune_hint_names_the_untuned_file(tmp_path):
         f"-o {tmp_path}/hy3_fp8_per_tensor_tp8.tuned.csv")
     hy3_tp4 = MoEShape(E=192, K=4096, N=384, topk=8)  # no untuned file yet: generate it first
     assert tune_hint(hy3_tp4, Scheme.FP8_PER_TENSOR_DYNAMIC, 4, tmp_path).startswith(
-        f"python -m vllm_moe_aot.dispatch.configs --generate --tp 4 --config-dir {tmp_path}, then "
+        f"python -m vllm_moe_aot.cli.configs --generate --tp 4 --config-dir {tmp_path}, then "
         f"vllm-moe-aot tune -i {tmp_path}/hy3_fp8_per_tensor_tp4.untuned.csv")
     assert "vllm-moe-aot tune --model <checkpoint or config.json> --tp 1 --scheme fp8_ptpc" \
         in tune_hint(SHAPE, Scheme.FP8_PTPC, 1, tmp_path)

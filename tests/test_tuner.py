@@ -17,10 +17,11 @@ from vllm_moe_aot.dispatch.configs import (
     write_tuned,
     write_untuned,
 )
-from vllm_moe_aot.measure import tuner
+from vllm_moe_aot.measure import tune_cli, tuner
 from vllm_moe_aot.measure.reference import GateResult
 from vllm_moe_aot.measure.timing import DeviceInfo
-from vllm_moe_aot.measure.tuner import Candidate, CandidateResult, LayerBackend, select_winner
+from vllm_moe_aot.measure.tune_backend import Candidate, CandidateResult, LayerBackend
+from vllm_moe_aot.measure.tuner import select_winner
 from vllm_moe_aot.shapes import MoEShape, Scheme
 
 DEV = DeviceInfo(name="Fake GPU 80GB", arch="sm_90a", cu_num=132, l2_bytes=50 << 20,
@@ -258,7 +259,7 @@ def _args(tmp_path, **kw):
 def test_cli_run_writes_csv_and_log_and_resumes(tmp_path, capsys):
     write_untuned(tmp_path / "m.untuned.csv", keys((1, 2, 4)))
     b = FakeBackend(script={(4, "v_gemv"): "reject"})
-    assert tuner.run(_args(tmp_path), backend=b) == 0
+    assert tune_cli.run(_args(tmp_path), backend=b) == 0
     out = tmp_path / "m.tuned.csv"
     assert out.read_text().splitlines()[0].split(",") == list(TUNED_COLUMNS)
     rows, issues = read_tuned(out)
@@ -273,7 +274,7 @@ def test_cli_run_writes_csv_and_log_and_resumes(tmp_path, capsys):
     # second run: nothing to do, file unchanged
     before = out.read_text()
     b2 = FakeBackend()
-    assert tuner.run(_args(tmp_path), backend=b2) == 0
+    assert tune_cli.run(_args(tmp_path), backend=b2) == 0
     assert not [c for c in b2.calls if c[0] == "begin"]
     assert out.read_text() == before
     assert "3 row(s) already tuned" in capsys.readouterr().out
@@ -286,7 +287,7 @@ def test_cli_failure_exit_code_tokens_filter_and_backup(tmp_path, capsys):
     with open(out, "a") as f:
         f.write("garbage,row\n")
     b = FakeBackend(stock=False, script={(2, "v_gemv"): "reject", (2, "v_grouped"): "reject"})
-    rc = tuner.run(_args(tmp_path, tokens=[1, 2]), backend=b)
+    rc = tune_cli.run(_args(tmp_path, tokens=[1, 2]), backend=b)
     assert rc == 1
     err = capsys.readouterr().err
     assert f"{out}:2: too few fields" in err
@@ -297,9 +298,9 @@ def test_cli_failure_exit_code_tokens_filter_and_backup(tmp_path, capsys):
 
 
 def test_cli_input_errors(tmp_path, capsys):
-    assert tuner.run(_args(tmp_path), backend=FakeBackend()) == 2  # missing input
+    assert tune_cli.run(_args(tmp_path), backend=FakeBackend()) == 2  # missing input
     write_untuned(tmp_path / "m.untuned.csv", keys((1,)))
-    assert tuner.run(_args(tmp_path, tokens=[3]), backend=FakeBackend()) == 2
+    assert tune_cli.run(_args(tmp_path, tokens=[3]), backend=FakeBackend()) == 2
     assert "no valid rows" in capsys.readouterr().err
 
 

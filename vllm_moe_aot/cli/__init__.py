@@ -18,7 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("vllm_moe_aot.cli.info", "show platform, code objects, configs and dispatch"),
     "bench": ("vllm_moe_aot.measure.bench",
               "benchmark the AOT pipeline against stock and the floors"),
-    "tune": ("vllm_moe_aot.measure.tuner",
+    "tune": ("vllm_moe_aot.measure.tune_cli",
              "tune per-batch-size dispatch end to end, write tuned CSV"),
 }
 

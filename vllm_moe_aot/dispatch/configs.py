@@ -20,14 +20,12 @@ Reading never raises on bad content: every malformed row is reported as ``file:l
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import csv
 import io
 import logging
 import math
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -580,33 +578,3 @@ class DispatchTable:
 
     def __repr__(self) -> str:
         return f"DispatchTable({self.describe()!r})"
-
-
-# ------------------------------------------------------------------------------------ cli
-
-def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m vllm_moe_aot.dispatch.configs",
-        description="Regenerate the shipped untuned CSVs, or check config files.")
-    p.add_argument("--generate", action="store_true",
-                   help="rewrite <config-dir>/<preset>_<scheme>_tp<T>.untuned.csv")
-    p.add_argument("--config-dir", default=None)
-    p.add_argument("--tp", type=int, default=8)
-    p.add_argument("check", nargs="*", help="CSV files to validate")
-    args = p.parse_args(argv)
-    rc = 0
-    if args.generate:
-        for path in generate_untuned(args.config_dir, args.tp):
-            print(f"wrote {path}")
-    for f in args.check:
-        reader = read_tuned if str(f).endswith(".tuned.csv") else read_untuned
-        rows, issues = reader(f)
-        for issue in issues:
-            print(issue)
-        print(f"{f}: {len(rows)} valid row(s), {len(issues)} issue(s)")
-        rc |= bool(issues)
-    return rc
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

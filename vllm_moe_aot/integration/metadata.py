@@ -88,7 +88,7 @@ def tune_hint(shape: MoEShape, scheme: Scheme, tp_size: int | None,
             step = (f"vllm-moe-aot tune -i {directory / untuned} -o {directory / tuned}")
             if (directory / untuned).is_file():
                 return step
-            return (f"python -m vllm_moe_aot.dispatch.configs --generate --tp {tp} --config-dir "
+            return (f"python -m vllm_moe_aot.cli.configs --generate --tp {tp} --config-dir "
                     f"{directory}, then {step}")
     tp = tp_size or "<T>"
     return (f"vllm-moe-aot tune --model <checkpoint or config.json> --tp {tp} --scheme "

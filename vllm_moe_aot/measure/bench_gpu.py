@@ -1,0 +1,219 @@
+"""The GPU path of ``vllm-moe-aot bench``: every implementation of the layer timed in one run
+(CUDA-graph replay medians), beside the floors measured in the same run."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict
+
+from vllm_moe_aot.measure.bench_report import (
+    BenchReport,
+    BenchRow,
+    cell,
+    floors,
+    format_table,
+    write_outputs,
+)
+from vllm_moe_aot.shapes import (
+    TUNED_TOKEN_COUNTS,
+    MoEShape,
+    Scheme,
+)
+
+# ------------------------------------------------------------------------------ GPU path
+
+def run_gpu(args, shape: MoEShape, scheme: Scheme, name: str) -> int:
+    import torch
+
+    from vllm_moe_aot.dispatch.configs import DispatchTable
+    from vllm_moe_aot.measure.timing import (
+        device_info,
+        measure_fp8_flops,
+        measure_hbm_bandwidth,
+        require_gpu,
+    )
+
+    dev = require_gpu("vllm-moe-aot bench")
+    info = device_info(dev)
+    tokens = tuple(args.tokens) if args.tokens else TUNED_TOKEN_COUNTS
+    print(f"vllm-moe-aot bench: {name} {shape} {scheme.value} on {info.name} ({info.arch}, "
+          f"{info.cu_num} CUs)")
+    bw = measure_hbm_bandwidth()
+    peak = measure_fp8_flops()
+    print(f"measured: HBM copy {bw / 1e12:.2f} TB/s, fp8 GEMM {peak / 1e12:.0f} TFLOP/s")
+    report = BenchReport(mode="gpu", layer={"name": name, "shape": asdict(shape),
+                                            "scheme": scheme.value, "tp": args.tp},
+                         device=asdict(info), bw_bytes_per_s=bw, fp8_flops_per_s=peak)
+    moe = None
+    try:
+        from vllm_moe_aot.pipeline import FusedMoE
+
+        moe = FusedMoE(shape, scheme, dev, max_tokens=max(tokens))
+    except Exception as exc:  # noqa: BLE001
+        report.notes.append(f"AOT pipeline unavailable: {type(exc).__name__}: {exc}")
+        print(f"warning: {report.notes[-1]}")
+    stock = None
+    if args.stock != "none":
+        from vllm_moe_aot.measure.peers.vllm_triton import describe_probe, get_stock_provider
+
+        stock = get_stock_provider(dev, prefer=None if args.stock == "auto" else args.stock)
+        if stock is None:
+            report.skipped.append(f"stock timing: no provider ({describe_probe()})")
+    report.stock_provider = stock.name if stock else None
+    peer = None
+    if args.torch_peer != "none":
+        if hasattr(torch, "_scaled_grouped_mm") and info.arch.startswith("sm_90"):
+            from vllm_moe_aot.measure.peers.torch_grouped import TorchGroupedMoE
+
+            peer = TorchGroupedMoE(scheme)
+        else:
+            report.skipped.append(f"torch grouped-GEMM peer: torch._scaled_grouped_mm serves "
+                                  f"sm_90 only (this GPU: {info.arch})")
+    report.torch_peer = peer.name if peer else None
+    host_tokens = set(args.host_tokens or ())
+    table = DispatchTable.for_layer(shape, scheme, info.name, info.arch, args.config_dir)
+    report.dispatch = table.describe()
+    if "auto" in args.variant and table.is_empty:
+        report.notes.append("no tuned config for this GPU and layer: 'auto' runs stock; "
+                            "use --variant all or tune first")
+        print(f"note: {report.notes[-1]}")
+    avail = list(moe.variants) if moe is not None else []
+
+    def variants_for(M: int) -> list[tuple[str, str]]:
+        """(variant, plot label) pairs to run at M."""
+        out: dict[str, str] = {}
+        for v in args.variant:
+            if v == "auto":
+                out.setdefault(table.choose(M), "aot (dispatch)")
+            elif v == "all":
+                for a in avail:
+                    out.setdefault(a, f"aot {a}")
+            else:
+                out.setdefault(v, f"aot {v}" if v != "stock" else "stock (asked)")
+        return list(out.items())
+
+    failures = 0
+    for M in tokens:
+        torch.cuda.empty_cache()
+        rows = _gpu_rows_at(M, shape, scheme, dev, info, bw, peak, moe, stock, avail,
+                            variants_for(M), args.gate_rows, peer=peer,
+                            host=M in host_tokens)
+        for row in rows:
+            failures += row.gate == "FAIL" or bool(row.error)
+            report.rows.append(row)
+            print(f"  M={M:<7} {row.variant:<24} us={cell(row.us)} stock={cell(row.stock_us)} "
+                  f"torch={cell(row.torch_us)} floor={cell(row.floor_us)} {row.gate}"
+                  + (f" {row.error}" if row.error else ""), flush=True)
+    print()
+    print(format_table(report))
+    for s in report.skipped:
+        print(f"skipped: {s}")
+    write_outputs(report, args)
+    return 1 if failures else 0
+
+
+def _gpu_rows_at(M, shape, scheme, dev, info, bw, peak, moe, stock, avail, variants,
+                 gate_rows, peer=None, host=False) -> list[BenchRow]:
+    """Gate and time stock, the torch peer and each (variant, label) of ``variants`` at M
+    tokens; with ``host``, also the host time of one eager call of each."""
+    import torch
+
+    from vllm_moe_aot.measure.reference import gate
+    from vllm_moe_aot.measure.timing import host_time, time_graph
+    from vllm_moe_aot.measure.workload import make_problems, rotation_count
+
+    sets = rotation_count(shape, M, info.l2_bytes, torch.cuda.mem_get_info(dev)[0])
+    problems = make_problems(shape, scheme, M, sets, dev, seed=4242 + M)
+    outs = [p.new_out() for p in problems]
+    experts = statistics.mean(p.experts_touched() for p in problems)
+    fl = floors(shape, M, experts, bw, peak)
+    rows_idx = None
+    if gate_rows > 0:
+        g = torch.Generator().manual_seed(M)
+        rows_idx = torch.randperm(M, generator=g)[:gate_rows].sort().values
+    refs: dict[bool, torch.Tensor] = {}
+
+    def check(run_once, qa: bool, row: BenchRow) -> None:
+        if rows_idx is None:
+            return
+        y = run_once(outs[0].fill_(float("nan")))
+        torch.cuda.synchronize()
+        if qa not in refs:
+            refs[qa] = problems[0].reference(qa, rows=rows_idx)
+        res = gate(y[rows_idx.to(dev)], refs[qa])
+        row.err, row.gate = res.rel_fro, "pass" if res.passed else "FAIL"
+        if not res.passed:
+            row.error = res.reason
+
+    stock_us = None
+    stock_row = BenchRow(M=M, variant="stock", label="stock")
+    if stock is not None:
+        try:
+            check(lambda o: stock(problems[0], out=o), True, stock_row)
+            stock_us = time_graph([(lambda p=p: stock(p)) for p in problems]).us
+        except Exception as exc:  # noqa: BLE001
+            stock_row.error = f"stock: {type(exc).__name__}: {exc}"
+    torch_us = torch_host = stock_host = None
+    torch_row = BenchRow(M=M, variant="torch_grouped", label="torch grouped-GEMM")
+    if peer is not None:
+        try:
+            calls = [peer.bind(p) for p in problems]
+            check(lambda o: o.copy_(calls[0]()), True, torch_row)
+            torch_us = time_graph(calls).us
+            if host:
+                torch_host = host_time(calls[0])
+        except Exception as exc:  # noqa: BLE001
+            torch_row.error = f"torch peer: {type(exc).__name__}: {exc}"
+        finally:
+            calls = []
+            torch.cuda.empty_cache()
+    if host and stock is not None and stock_us is not None:
+        stock_host = host_time(lambda: stock(problems[0]))
+    peers = {k: v for k, v in (("stock", stock_us), ("torch", torch_us)) if v}
+    best = min(peers, key=peers.get) if peers else None
+    rows = []
+    for v, label in variants:
+        row = BenchRow(M=M, variant=v, label=label)
+        if v == "stock":
+            row.us, row.err, row.gate, row.error = (stock_us, stock_row.err, stock_row.gate,
+                                                    stock_row.error or
+                                                    ("" if stock else "no stock provider"))
+        elif moe is None or v not in avail:
+            row.error = f"variant {v!r} not available"
+        else:
+            try:
+                check(lambda o, v=v: moe.run(v, *problems[0].tensors(), o,
+                                             **problems[0].act_scales()),
+                      bool(moe.quantize_activations(v)), row)
+                row.us = time_graph([
+                    (lambda p=p, o=o, v=v: moe.run(v, *p.tensors(), o, **p.act_scales()))
+                    for p, o in zip(problems, outs, strict=True)]).us
+                if host:
+                    row.host_us = host_time(
+                        lambda v=v, p=problems[0], o=outs[0]: moe.run(v, *p.tensors(), o,
+                                                                      **p.act_scales()))
+            except Exception as exc:  # noqa: BLE001
+                row.error = f"{type(exc).__name__}: {exc}"
+        row.stock_us, row.sets, row.experts = stock_us, sets, experts
+        row.torch_us, row.best_peer = torch_us, best
+        row.best_peer_us = peers.get(best) if best else None
+        if host:
+            if v == "stock":
+                row.host_us = stock_host
+            row.stock_host_us, row.torch_host_us = stock_host, torch_host
+        row.floor_us, row.weight_floor_us, row.flop_floor_us = (
+            fl.floor_us, fl.weight_floor_us, fl.flop_floor_us)
+        if row.us:
+            row.over_floor = row.us / fl.floor_us
+            row.gbps = fl.bytes / (row.us * 1e-6) / 1e9
+            row.tflops = fl.flops / (row.us * 1e-6) / 1e12
+            if stock_us:
+                row.speedup = stock_us / row.us
+            if row.best_peer_us:
+                row.speedup_best = row.best_peer_us / row.us
+        rows.append(row)
+    if stock is not None and stock_row.error and not any(v == "stock" for v, _ in variants):
+        rows.append(stock_row)  # keep the stock failure visible
+    if peer is not None and (torch_row.error or torch_row.gate == "FAIL"):
+        rows.append(torch_row)
+    return rows
