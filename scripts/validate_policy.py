@@ -1,6 +1,10 @@
 """Time the default dispatch policy against vLLM's stock path (GPU), in one run per layer.
 
-    python3 scripts/validate_policy.py --out DIR [--budget-s 200]
+    python3 scripts/validate_policy.py --out DIR [--budget-s 200] [--layers survey|held-out]
+
+``--layers held-out`` times layers the policy was NOT derived from (:data:`HELD_OUT`: other
+public models' per-rank layers inside the classes' ranges), the out-of-sample check of the
+committed table; ``survey`` (default) the presets and the survey layers.
 
 For every survey layer and both presets (their tuned rows hidden: the policy alone decides) at
 the 18 token counts: the policy's choice and stock, each gated against the float64 reference
@@ -22,20 +26,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vllm_moe_aot.device import identify  # noqa: E402
 from vllm_moe_aot.dispatch.configs import DispatchTable, RowKey, read_tuned  # noqa: E402
-from vllm_moe_aot.dispatch.policy import SURVEY_LAYERS, SurveyLayer  # noqa: E402
+from vllm_moe_aot.dispatch.policy import SURVEY_LAYERS, SurveyLayer, both_schemes  # noqa: E402
 from vllm_moe_aot.measure.peers.vllm_triton import get_stock_provider  # noqa: E402
 from vllm_moe_aot.measure.timing import device_info, require_gpu  # noqa: E402
 from vllm_moe_aot.measure.tune_backend import LayerBackend  # noqa: E402
 from vllm_moe_aot.measure.tuner import tune_key  # noqa: E402
-from vllm_moe_aot.shapes import PRESETS, TUNED_TOKEN_COUNTS  # noqa: E402
+from vllm_moe_aot.shapes import PRESETS, TUNED_TOKEN_COUNTS, MoEShape  # noqa: E402
 
 H100 = "NVIDIA H100 80GB HBM3"
+
+#: per-rank layers the policy was not derived from, each as ptpc and static per-tensor
+HELD_OUT: tuple[SurveyLayer, ...] = tuple(
+    both_schemes("qwen3-30b-a3b_tp4", MoEShape(E=128, K=2048, N=192, topk=8))
+    + both_schemes("deepseek-v3_tp8", MoEShape(E=256, K=7168, N=256, topk=8))
+    + both_schemes("glm-4.5-air_tp4", MoEShape(E=128, K=4096, N=352, topk=8))
+    + both_schemes("qwen3-next-80b-a3b_tp8", MoEShape(E=512, K=2048, N=64, topk=10))
+)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--budget-s", type=float, default=200.0)
+    p.add_argument("--layers", choices=("survey", "held-out"), default="survey")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -45,8 +58,11 @@ def main() -> int:
     shipped = Path(__file__).resolve().parent.parent / "vllm_moe_aot" / "configs"
     h100_rows = [r for f in sorted(shipped.glob("*.tuned.csv")) for r in read_tuned(f)[0]
                  if r.gpu == H100]
-    layers = [SurveyLayer(n, pr.shape, pr.scheme) for n, pr in PRESETS.items()]
-    layers += list(SURVEY_LAYERS)
+    if args.layers == "held-out":
+        layers = list(HELD_OUT)
+    else:
+        layers = [SurveyLayer(n, pr.shape, pr.scheme) for n, pr in PRESETS.items()]
+        layers += list(SURVEY_LAYERS)
     empty = Path(tempfile.mkdtemp())  # no tuned rows: the policy decides
     t0 = time.monotonic()
     fields = ["layer", "E", "K", "N", "topk", "scheme", "M", "policy", "policy_us", "stock_us",

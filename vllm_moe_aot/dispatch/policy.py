@@ -49,19 +49,19 @@ class SurveyLayer:
     scheme: Scheme
 
 
-def _both(name: str, shape: MoEShape) -> list[SurveyLayer]:
+def both_schemes(name: str, shape: MoEShape) -> list[SurveyLayer]:
     return [SurveyLayer(f"{name}_ptpc", shape, Scheme.FP8_PTPC),
             SurveyLayer(f"{name}_per_tensor", shape, Scheme.FP8_PER_TENSOR_STATIC)]
 
 
 #: per-rank layers of public models (TP degree in the name), each as ptpc and static per-tensor
 SURVEY_LAYERS: tuple[SurveyLayer, ...] = tuple(
-    _both("qwen3-235b-a22b_tp8", MoEShape(E=128, K=4096, N=192, topk=8))
-    + _both("glm-4.5_tp8", MoEShape(E=160, K=5120, N=192, topk=8))
-    + _both("minimax-m2_tp8", MoEShape(E=256, K=3072, N=192, topk=8))
-    + _both("qwen3-next-80b-a3b_tp4", MoEShape(E=512, K=2048, N=128, topk=10))
-    + _both("qwen3-235b-a22b_tp4", MoEShape(E=128, K=4096, N=384, topk=8))
-    + _both("deepseek-v3_tp4", MoEShape(E=256, K=7168, N=512, topk=8))
+    both_schemes("qwen3-235b-a22b_tp8", MoEShape(E=128, K=4096, N=192, topk=8))
+    + both_schemes("glm-4.5_tp8", MoEShape(E=160, K=5120, N=192, topk=8))
+    + both_schemes("minimax-m2_tp8", MoEShape(E=256, K=3072, N=192, topk=8))
+    + both_schemes("qwen3-next-80b-a3b_tp4", MoEShape(E=512, K=2048, N=128, topk=10))
+    + both_schemes("qwen3-235b-a22b_tp4", MoEShape(E=128, K=4096, N=384, topk=8))
+    + both_schemes("deepseek-v3_tp4", MoEShape(E=256, K=7168, N=512, topk=8))
 )
 
 #: the variants the policy chooses among
