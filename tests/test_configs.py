@@ -254,13 +254,26 @@ def test_dispatch_matching_filters(tmp_path):
 
 
 def test_dispatch_empty_is_stock(tmp_path):
-    t = DispatchTable.for_layer(QWEN.shape, QWEN.scheme, GPU, ARCH, tmp_path,
+    unshipped = MoEShape(E=64, K=1024, N=64, topk=4)  # no shipped rows, no policy asked
+    t = DispatchTable.for_layer(unshipped, QWEN.scheme, GPU, ARCH, tmp_path,
                                 default_policy=False)
     assert t.is_empty and t.describe() == [] and t.origin == "none"
     assert t.choose(1) == "stock" and t.choose(100000) == "stock"
     # a missing folder behaves the same
-    assert DispatchTable.for_layer(QWEN.shape, QWEN.scheme, GPU, ARCH,
+    assert DispatchTable.for_layer(unshipped, QWEN.scheme, GPU, ARCH,
                                    tmp_path / "missing", default_policy=False).is_empty
+
+
+def test_user_folder_adds_to_the_shipped_configs(tmp_path):
+    # the user's folder has rows for Hy3 only: Hy3 dispatches from them, Qwen3.5 (no user rows)
+    # still from the shipped rows for this GPU, before any default policy
+    write_tuned(tmp_path / "mine.tuned.csv", [tuned_row(1, "gemv_user")])
+    hy3 = DispatchTable.for_layer(HY3.shape, HY3.scheme, GPU, ARCH, tmp_path)
+    assert hy3.describe() == [(1, "gemv_user")] and str(tmp_path) in hy3.source
+    shipped = DispatchTable.for_layer(QWEN.shape, QWEN.scheme, GPU, ARCH)
+    qwen = DispatchTable.for_layer(QWEN.shape, QWEN.scheme, GPU, ARCH, tmp_path)
+    assert qwen.origin == "tuned" and qwen.describe() == shipped.describe()
+    assert str(C.DEFAULT_CONFIG_DIR) in qwen.source and not shipped.is_empty
 
 
 def test_dispatch_first_file_wins_and_reload_on_change(tmp_path):

@@ -536,21 +536,30 @@ class DispatchTable:
                   config_dir: str | os.PathLike | None = None, *, sm_count: int | None = None,
                   default_policy: bool = True) -> DispatchTable:
         """Rows for this GPU model from every ``*.tuned.csv`` in ``config_dir`` (files in name
-        order; the first row for a token count wins); without any, the default policy; without
+        order; the first row for a token count wins), else from the shipped configs (a user's
+        folder adds to what ships, layer by layer); without any, the default policy; without
         that, rows tuned on another GPU of the same arch; else empty (stock everywhere)."""
         from vllm_moe_aot.dispatch.policy import default_dispatch
 
         cdir = Path(config_dir) if config_dir is not None else DEFAULT_CONFIG_DIR
-        files = sorted(cdir.glob("*.tuned.csv")) if cdir.is_dir() else []
+        dirs = [cdir] + ([DEFAULT_CONFIG_DIR] if cdir.resolve() != DEFAULT_CONFIG_DIR.resolve()
+                         else [])
+        table = cls()
         table_rows: list[TunedRow] = []
-        used: list[str] = []
-        for f in files:
-            rows = _load_tuned_cached(f)
-            table_rows.extend(rows)
-            if any(gpu_family(r.gpu) == gpu_family(gpu_name) and r.arch == arch for r in rows):
-                used.append(f.name)
-        table = cls.from_rows(table_rows, shape, scheme, gpu_name, arch,
-                              source=", ".join(str(cdir / u) for u in used))
+        for d in dirs:
+            files = sorted(d.glob("*.tuned.csv")) if d.is_dir() else []
+            rows_here: list[TunedRow] = []
+            used: list[str] = []
+            for f in files:
+                rows = _load_tuned_cached(f)
+                rows_here.extend(rows)
+                if any(gpu_family(r.gpu) == gpu_family(gpu_name) and r.arch == arch
+                       for r in rows):
+                    used.append(f.name)
+            table_rows.extend(rows_here)
+            if table.is_empty:
+                table = cls.from_rows(rows_here, shape, scheme, gpu_name, arch,
+                                      source=", ".join(str(d / u) for u in used))
         if not table.is_empty or not default_policy:
             return table
         decision = default_dispatch(shape, scheme, arch, sm_count)
