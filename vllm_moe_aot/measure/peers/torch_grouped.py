@@ -60,6 +60,29 @@ def _grouped_mm(a: torch.Tensor, b_t: torch.Tensor, scale_a: torch.Tensor,
     return out
 
 
+def _row_scales(scheme: Scheme, w13: torch.Tensor, s13: torch.Tensor, s2: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight scales in the row-wise form the grouped GEMM takes: fp32 [E, 2N], [E, K]."""
+    E, N2, K = w13.shape
+    if scheme.per_channel_weights:
+        s13, s2 = s13.reshape(E, N2), s2.reshape(E, K)
+    else:
+        s13, s2 = s13.reshape(E, 1).expand(E, N2), s2.reshape(E, 1).expand(E, K)
+    return s13.float().contiguous(), s2.float().contiguous()
+
+
+def _sort_pairs(topk_ids: torch.Tensor, E: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token, slot) pairs sorted by expert: the order, each sorted pair's token, and the
+    int32 group ends per expert."""
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tok = torch.div(order, topk_ids.shape[1], rounding_mode="floor")
+    ends = torch.arange(1, E + 1, device=topk_ids.device, dtype=flat.dtype)
+    offs = torch.searchsorted(flat[order].contiguous(), ends, out_int32=True)
+    return order, tok, offs
+
+
 class TorchGroupedMoE:
     """The peer for one layer's weights; :meth:`bind` fixes a problem's weights and scales
     (expanded once to the row-wise form the grouped GEMM takes, as a load-time step would)."""
@@ -70,12 +93,8 @@ class TorchGroupedMoE:
         self.scheme = Scheme.parse(scheme) if isinstance(scheme, str) else scheme
 
     def bind(self, problem: MoEProblem) -> Callable[[], torch.Tensor]:
-        x, w13, w2, s13, s2, _tw, _ids = problem.tensors()
-        E, N2, K = w13.shape
-        per_channel = self.scheme.per_channel_weights
-        s13 = (s13.reshape(E, N2) if per_channel else s13.reshape(E, 1).expand(E, N2))
-        s2 = (s2.reshape(E, K) if per_channel else s2.reshape(E, 1).expand(E, K))
-        s13, s2 = s13.float().contiguous(), s2.float().contiguous()
+        _x, w13, w2, s13, s2, _tw, _ids = problem.tensors()
+        s13, s2 = _row_scales(self.scheme, w13, s13, s2)
         static = self.scheme.static_activations
         a13 = problem.a13_scale if static else None
         a2 = problem.a2_scale if static else None
@@ -103,11 +122,7 @@ class TorchGroupedMoE:
         N = N2 // 2
         M, topk = topk_ids.shape
         xq, xs = _quant_rows(x, a13_scale, fp8)
-        flat = topk_ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        tok = torch.div(order, topk, rounding_mode="floor")
-        ends = torch.arange(1, E + 1, device=x.device, dtype=flat.dtype)
-        offs = torch.searchsorted(flat[order].contiguous(), ends, out_int32=True)
+        order, tok, offs = _sort_pairs(topk_ids, E)
         h = _grouped_mm(xq[tok], w13.transpose(-2, -1), xs[tok], s13_rows, offs)
         act = torch.nn.functional.silu(h[:, :N].float()) * h[:, N:].float()
         aq, as_ = _quant_rows(act, a2_scale, fp8)
@@ -117,3 +132,35 @@ class TorchGroupedMoE:
         y.mul_(topk_weights.reshape(-1)[order].to(y.dtype)[:, None])
         unsorted = torch.empty_like(y).index_copy_(0, order, y)
         return unsorted.view(M, topk, K).sum(dim=1, dtype=torch.float32).to(torch.bfloat16)
+
+
+class GroupedGemmBound:
+    """The CUTLASS-class bound: the layer's two grouped GEMMs alone (``torch._scaled_grouped_mm``,
+    CUTLASS-based on sm90) on inputs prepared once at :meth:`bind`: no routing, quantisation,
+    activation or reduce. What a pipeline of separate launches costs at least; its output is the
+    down projection per sorted (token, slot) pair, so there is nothing to gate."""
+
+    name = "gemm_bound"
+
+    def __init__(self, scheme: Scheme | str):
+        self.scheme = Scheme.parse(scheme) if isinstance(scheme, str) else scheme
+
+    def bind(self, problem: MoEProblem) -> Callable[[], torch.Tensor]:
+        x, w13, w2, s13, s2, _tw, ids = problem.tensors()
+        s13, s2 = _row_scales(self.scheme, w13, s13, s2)
+        static = self.scheme.static_activations
+        fp8, N = w13.dtype, w13.shape[1] // 2
+        xq, xs = _quant_rows(x, problem.a13_scale if static else None, fp8)
+        _order, tok, offs = _sort_pairs(ids, w13.shape[0])
+        a1, s1 = xq[tok].contiguous(), xs[tok].contiguous()
+        w13_t, w2_t = w13.transpose(-2, -1), w2.transpose(-2, -1)
+        h = _grouped_mm(a1, w13_t, s1, s13, offs)
+        act = torch.nn.functional.silu(h[:, :N].float()) * h[:, N:].float()
+        a2, s2a = _quant_rows(act, problem.a2_scale if static else None, fp8)
+        del h, act
+
+        def call() -> torch.Tensor:
+            _grouped_mm(a1, w13_t, s1, s13, offs)
+            return _grouped_mm(a2, w2_t, s2a, s2, offs)
+
+        return call
