@@ -149,13 +149,14 @@ def test_explicit_moe_backend_expert_parallel_and_other_methods_defer(plugin_on,
     assert len(moe_logs.matching("modelopt layers are not served")) == 1
 
 
-def test_a_bug_in_the_hook_defers_to_vllm(monkeypatch, plugin_on, moe_logs):
+@pytest.mark.parametrize("step", ["unsupported_reason", "delegate_for"])
+def test_a_bug_in_the_hook_defers_to_vllm(step, monkeypatch, plugin_on, moe_logs):
     from vllm_moe_aot.integration import hook
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(hook, "choose_experts", broken)
+    monkeypatch.setattr(hook, step, broken)
     with support.cpu_vllm():
         layer = build("fp8_dynamic")
     _assert_vllm_choice(layer)

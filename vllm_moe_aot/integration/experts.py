@@ -1,4 +1,5 @@
-"""``AotExperts``: vLLM 0.33 FP8 MoE experts that run the AOT pipeline where it was tuned faster.
+"""``AotExperts``: vLLM 0.33 FP8 MoE experts that run the AOT pipeline where it was tuned faster,
+and vLLM's own choice of experts for every other batch.
 
 How the object learns its weights: vLLM's FP8 MoE methods (``Fp8MoEMethod``, the
 compressed-tensors W8A8 FP8 method, the online FP8 methods) never call
@@ -9,18 +10,29 @@ layer's parameters). The weights themselves arrive with every ``apply`` call. So
 metadata is built in ``__init__`` (``process_weights_after_loading`` stays an idempotent entry
 for callers that do call it).
 
+The delegate ("stock"): the hook asks vLLM's unhooked oracle what it would pick for the layer
+and answers a subclass made by :meth:`AotExperts.delegating_to` that knows the choice
+(``TritonExperts`` for ``TRITON``, ``TritonOrCutlassExperts`` for ``VLLM_CUTLASS``; vLLM's other
+choices cannot share the pipeline's weights and keep the layer, see
+:mod:`vllm_moe_aot.integration.providers`). ``__init__`` builds that class exactly as
+``make_fp8_moe_kernel`` would, ``cls(moe_config=..., quant_config=...)``, with the same quant
+config: vLLM builds its experts at this same point (after the weights are loaded, on the
+worker), so nothing is deferred. If it cannot be built the delegate is ``TritonExperts`` (one
+warning with the cause). ``AotExperts`` itself delegates to ``TritonExperts``.
+
 Inputs: ``expects_unquantized_inputs`` is True whenever the pipeline is in use, so ``apply``
 receives bf16 hidden states (the pipeline quantises them itself, per scheme). Batches that go
-to stock are quantised inside ``apply`` with vLLM's own ``moe_kernel_quantize_input`` and the
-layer's quant config, exactly the call vLLM's prepare step would have made, then handed to an
-owned ``TritonExperts``. The AOT path allocates nothing and never synchronises; the stock path
-allocates what vLLM's Triton path always allocates.
+to the delegate are quantised inside ``apply`` with vLLM's own ``moe_kernel_quantize_input`` and
+the layer's quant config, exactly the call vLLM's prepare step would have made, then handed to
+the delegate. The AOT path allocates nothing and never synchronises; the delegate allocates
+what it always allocates.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import torch
 import vllm.model_executor.layers.fused_moe.modular_kernel as mk
@@ -49,6 +61,7 @@ from vllm_moe_aot.device import cuda_arch
 from vllm_moe_aot.info import PlatformInfo, platform_info
 from vllm_moe_aot.integration import get_logger, log_once
 from vllm_moe_aot.integration.metadata import DEFAULT_MAX_TOKENS, ExpertMetadata
+from vllm_moe_aot.integration.providers import NO_BACKEND_DELEGATE, provider_name
 from vllm_moe_aot.shapes import MoEShape, Scheme, unsupported_reason
 
 logger = get_logger("experts")
@@ -130,8 +143,71 @@ def layer_unsupported_reason(moe_config: FusedMoEConfig, weight_key: QuantKey | 
     return None if reason is None else f"shape {layer_shape(moe_config)}: {reason}"
 
 
+def _backend_value(backend: object) -> str:
+    return str(getattr(backend, "value", backend))
+
+
+def delegate_problem(delegate: mk.FusedMoEExperts, moe_config: FusedMoEConfig) -> str | None:
+    """Why ``delegate`` cannot run the batches ``AotExperts`` does not take inside the same
+    modular kernel (None when it can): same standard-format prepare/finalize, and it writes
+    the weighted, top-k-reduced ``[M, K]`` output itself, as the pipeline does."""
+    if not isinstance(delegate, mk.FusedMoEExpertsModular):
+        return f"{type(delegate).__name__} is a monolithic kernel (its own prepare/finalize)"
+    if delegate.activation_format() != mk.FusedMoEActivationFormat.Standard:
+        return f"{type(delegate).__name__} uses the {delegate.activation_format()} format"
+    reduce = delegate.finalize_weight_and_reduce_impl()
+    if not isinstance(reduce, TopKWeightAndReduceNoOP):
+        return (f"{type(delegate).__name__} leaves the top-k reduction to finalize "
+                f"({type(reduce).__name__})")
+    K = moe_config.hidden_dim
+    out = delegate.workspace_shapes(1, 2 * moe_config.intermediate_size_per_partition, K,
+                                    moe_config.experts_per_token, moe_config.num_experts,
+                                    moe_config.num_local_experts, None, moe_config.activation)[2]
+    if tuple(out) != (1, K):
+        return f"{type(delegate).__name__} writes a {tuple(out)} output for M=1, not (1, {K})"
+    return None
+
+
+_subclass_lock = threading.Lock()
+
+
 class AotExperts(mk.FusedMoEExpertsModular):
-    """Per batch size: the AOT pipeline (tuned faster) or vLLM's ``TritonExperts`` (stock)."""
+    """Per batch size: the AOT pipeline (tuned faster) or the delegate, vLLM's own choice of
+    experts for the layer (``stock``)."""
+
+    #: vLLM's backend (``Fp8MoeBackend`` value) and experts class for this layer without the
+    #: plugin: what runs every batch the pipeline does not take. Set on the subclasses
+    #: :meth:`delegating_to` makes; ``AotExperts`` itself delegates to ``TritonExperts``.
+    delegate_backend: str = "TRITON"
+    delegate_cls: type[mk.FusedMoEExperts] = TritonExperts
+    _delegating: dict[tuple[str, type], type[AotExperts]] = {}
+
+    @classmethod
+    def delegating_to(cls, backend: object,
+                      experts_cls: type[mk.FusedMoEExperts] | None) -> type[AotExperts]:
+        """The ``AotExperts`` class whose delegate is vLLM's choice ``(backend, experts_cls)``
+        (an ``Fp8MoeBackend`` or its value; ``experts_cls`` None for ``NONE``, where vLLM has
+        no FP8 MoE backend: ``TritonExperts``). One class per choice, importable by name from
+        this module (so that it pickles)."""
+        value = _backend_value(backend)
+        if experts_cls is None:
+            value, experts_cls = NO_BACKEND_DELEGATE, TritonExperts
+        if (value, experts_cls) == (AotExperts.delegate_backend, AotExperts.delegate_cls):
+            return AotExperts
+        with _subclass_lock:
+            sub = AotExperts._delegating.get((value, experts_cls))
+            if sub is None:
+                name = f"AotExperts_{experts_cls.__name__}"
+                while name in globals():
+                    name += "_"
+                sub = type(name, (AotExperts,), {
+                    "__module__": __name__, "__qualname__": name,
+                    "__doc__": f"AotExperts delegating to vLLM's {experts_cls.__name__} "
+                               f"({value}).",
+                    "delegate_backend": value, "delegate_cls": experts_cls})
+                globals()[name] = sub
+                AotExperts._delegating[(value, experts_cls)] = sub
+            return sub
 
     def __init__(
         self,
@@ -141,12 +217,38 @@ class AotExperts(mk.FusedMoEExpertsModular):
         num_dispatchers: int | None = None,
     ):
         super().__init__(moe_config, quant_config, max_num_tokens, num_dispatchers)
-        #: vLLM's Triton experts on the same quant config: every batch the pipeline does not take
-        self.stock = TritonExperts(moe_config, quant_config)
+        #: the delegate: vLLM's own choice of experts on the same quant config; every batch
+        #: the pipeline does not take
+        self.stock: mk.FusedMoEExpertsModular
+        #: its ``Fp8MoeBackend`` value and short provider name (``vllm_cutlass``, ...)
+        self.stock_backend: str
+        self.stock, self.stock_backend = self._build_delegate()
+        self.stock_provider: str = provider_name(self.stock_backend)
         self.metadata: ExpertMetadata | None = None
         #: why this layer runs stock at every batch size, when metadata could not be built
         self.fallback_reason: str | None = None
         self.process_weights_after_loading(None)
+
+    def _build_delegate(self) -> tuple[mk.FusedMoEExpertsModular, str]:
+        cls, backend = type(self).delegate_cls, type(self).delegate_backend
+        if cls is not TritonExperts:
+            try:
+                delegate = cls(moe_config=self.moe_config, quant_config=self.quant_config)
+                problem = delegate_problem(delegate, self.moe_config)
+            except Exception as exc:  # e.g. a compiled op this build lacks
+                problem = f"{type(exc).__name__}: {exc}"
+            if problem is None:
+                return delegate, backend
+            log_once(logger, logging.WARNING,
+                     f"vllm-moe-aot: cannot use vLLM's {cls.__name__} ({backend}) for the "
+                     f"batches AotExperts does not take: {problem}; they go to vLLM's "
+                     "TritonExperts")
+        return TritonExperts(self.moe_config, self.quant_config), "TRITON"
+
+    @property
+    def stock_name(self) -> str:
+        """``vLLM's <delegate class>`` (for log lines)."""
+        return f"vLLM's {type(self.stock).__name__}"
 
     # --- what the oracle asks -----------------------------------------------------------------
 
@@ -223,7 +325,7 @@ class AotExperts(mk.FusedMoEExpertsModular):
         except Exception as exc:  # anything at all: this layer runs stock, once said why
             self.fallback_reason = f"{type(exc).__name__}: {exc}"
             log_once(logger, logging.WARNING,
-                     f"vllm-moe-aot: MoE layer {shape} runs vLLM's TritonExperts at every batch "
+                     f"vllm-moe-aot: MoE layer {shape} runs {self.stock_name} at every batch "
                      f"size: {self.fallback_reason}")
 
     def _give_up(self, reason: str) -> None:
@@ -231,24 +333,30 @@ class AotExperts(mk.FusedMoEExpertsModular):
         self.metadata = None
         self.fallback_reason = reason
         log_once(logger, logging.ERROR,
-                 f"vllm-moe-aot: MoE layer {layer_shape(self.moe_config)} runs vLLM's "
-                 f"TritonExperts from now on: {reason}")
+                 f"vllm-moe-aot: MoE layer {layer_shape(self.moe_config)} runs "
+                 f"{self.stock_name} from now on: {reason}")
 
     # --- forward ------------------------------------------------------------------------------
 
     @property
     def expects_unquantized_inputs(self) -> bool:
         # Only when some batch size may go to the pipeline, which quantises its input itself;
-        # otherwise vLLM's prepare step quantises as it always does.
-        return self.metadata is not None and self.metadata.uses_pipeline
+        # otherwise vLLM's prepare step does what it does for the delegate.
+        if self.metadata is not None and self.metadata.uses_pipeline:
+            return True
+        return self.stock.expects_unquantized_inputs
 
     def finalize_weight_and_reduce_impl(self) -> mk.TopKWeightAndReduce:
-        # Both paths write the weighted, top-k-reduced [M, K] output themselves.
+        # Both paths write the weighted, top-k-reduced [M, K] output themselves (a delegate
+        # that does not is never used: delegate_problem).
         return TopKWeightAndReduceNoOP()
+
+    def workspace_dtype(self, act_dtype: torch.dtype) -> torch.dtype:
+        return self.stock.workspace_dtype(act_dtype)
 
     def workspace_shapes(self, M, N, K, topk, global_num_experts, local_num_experts,
                          expert_tokens_meta, activation):
-        # Stock's, for every M: vLLM's workspace manager locks its high-water mark after
+        # The delegate's, for every M: vLLM's workspace manager locks its high-water mark after
         # profiling, so a size that depended on the M -> path choice could outgrow it later.
         # The pipeline's own workspace is allocated once, when the pipeline is built.
         return self.stock.workspace_shapes(M, N, K, topk, global_num_experts,
@@ -296,9 +404,9 @@ class AotExperts(mk.FusedMoEExpertsModular):
             except Exception as exc:  # e.g. code objects that do not match this package
                 self._give_up(f"the pipeline failed running {variant!r} at M="
                               f"{hidden_states.size(0)}: {type(exc).__name__}: {exc}")
-        if hidden_states.dtype != w1.dtype:
+        if hidden_states.dtype != w1.dtype and not self.stock.expects_unquantized_inputs:
             # We asked vLLM not to quantise (expects_unquantized_inputs): do what its prepare
-            # step would have done, with the same helper and the same quant config.
+            # step would have done for the delegate, with the same helper and quant config.
             assert a1q_scale is None
             hidden_states, a1q_scale = moe_kernel_quantize_input(
                 hidden_states, self.a1_scale, self.quant_dtype, self.per_act_token_quant,

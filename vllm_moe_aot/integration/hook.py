@@ -6,10 +6,18 @@ class by calling ``select_fp8_moe_backend``, each through its own module-level n
 that binds it with a wrapper that knows which module it sits in:
 
 - from the modules of the quant methods we serve (``Fp8MoEMethod``, the compressed-tensors
-  W8A8 FP8 method, the online FP8 methods) the wrapper answers ``(TRITON, AotExperts)`` when
-  ``AotExperts`` supports the layer (scheme, shape, GPU, parallel config, ...). ``TRITON`` is
-  the backend whose weight conversion keeps the checkpoint layout and whose quant config is the
-  standard ``fp8_w8a8`` one, which is what ``AotExperts`` and its stock delegate take.
+  W8A8 FP8 method, the online FP8 methods), when ``AotExperts`` supports the layer (scheme,
+  shape, GPU, parallel config, ...), the wrapper first asks vLLM's original function what it
+  would pick for the layer (same arguments). If that choice can share the pipeline's weights
+  (``TRITON``, ``VLLM_CUTLASS``: :data:`~vllm_moe_aot.integration.providers.SHAREABLE_BACKENDS`;
+  or ``NONE``, no backend on this platform, the CPU) it answers
+  ``(TRITON, AotExperts.delegating_to(choice))``: ``AotExperts`` runs the tuned batch sizes and
+  hands the rest to vLLM's choice. ``TRITON`` is the backend whose weight conversion keeps the
+  checkpoint layout and whose quant config is the standard ``fp8_w8a8`` one, which is what
+  ``AotExperts`` and both shareable delegates take (for ``VLLM_CUTLASS`` vLLM converts and
+  configures identically). Any other choice (FlashInfer CUTLASS, Humming, AITER, batched or
+  monolithic kernels ...) converts the weights for its own kernel: the layer stays with vLLM,
+  unchanged, and one line says why.
 - otherwise, and always from the other modules (the oracle's own name, ModelOpt, Quark), it
   calls vLLM's original function: vLLM decides exactly as without the plugin.
 
@@ -61,12 +69,12 @@ _lock = threading.RLock()
 _on_select: Callable[[], None] | None = None
 
 
-def choose_experts(module: str, config: Any, weight_key: Any,
-                   activation_key: Any) -> tuple[type | None, str | None]:
-    """``(AotExperts, None)`` if we take this layer, else ``(None, why not)``."""
+def unsupported_reason(module: str, config: Any, weight_key: Any,
+                       activation_key: Any) -> str | None:
+    """Why ``AotExperts`` cannot take this layer (None when it can), before vLLM is asked."""
     taker = BINDINGS.get(module)
     if taker is None:
-        return None, f"{module.rsplit('.', 1)[-1]} layers are not served by vllm-moe-aot"
+        return f"{module.rsplit('.', 1)[-1]} layers are not served by vllm-moe-aot"
     import vllm.model_executor.layers.fused_moe.modular_kernel as mk
 
     from vllm_moe_aot.integration.experts import AotExperts
@@ -78,9 +86,64 @@ def choose_experts(module: str, config: Any, weight_key: Any,
     )
     supported, reason = AotExperts.is_supported_config(
         AotExperts, config, weight_key, activation_key, activation_format)
-    if supported:
-        return AotExperts, None
-    return None, f"{taker} layer: {reason}"
+    return None if supported else f"{taker} layer: {reason}"
+
+
+def delegate_for(vllm_choice: Any) -> tuple[type | None, str]:
+    """Given vLLM's own answer for a layer ``AotExperts`` supports - ``(backend, experts
+    class)``, the exception the oracle raised, or None when not asked - the ``AotExperts``
+    class to answer and a note naming its delegate, or ``(None, why the layer stays with
+    vLLM)``."""
+    import vllm.model_executor.layers.fused_moe.modular_kernel as mk
+
+    from vllm_moe_aot.integration.experts import AotExperts
+    from vllm_moe_aot.integration.providers import (
+        SHAREABLE_BACKENDS,
+        not_shareable_reason,
+        provider_name,
+    )
+
+    if vllm_choice is None:
+        return AotExperts, "vLLM's TritonExperts"
+    if isinstance(vllm_choice, BaseException):
+        return AotExperts, (f"vLLM's TritonExperts (vLLM's own selection raised "
+                            f"{type(vllm_choice).__name__}: {vllm_choice})")
+    backend, experts_cls = vllm_choice
+    value = str(getattr(backend, "value", backend))
+    if experts_cls is None:  # NONE: vLLM has no FP8 MoE backend here (the CPU)
+        return AotExperts.delegating_to(backend, None), (
+            f"vLLM's TritonExperts (vLLM has no FP8 MoE backend on this platform: {value})")
+    what = f"{experts_cls.__name__} ({value})"
+    if not issubclass(experts_cls, mk.FusedMoEExpertsModular):
+        return None, f"vLLM picks {what}, a monolithic kernel with its own prepare/finalize"
+    if experts_cls.activation_format() != mk.FusedMoEActivationFormat.Standard:
+        return None, (f"vLLM picks {what}, which takes the "
+                      f"{experts_cls.activation_format().name} activation format")
+    if value not in SHAREABLE_BACKENDS:
+        return None, (f"vLLM picks {what}, and {not_shareable_reason(value)}: the AOT "
+                      "pipeline cannot share its weights, so the whole layer stays with it")
+    return AotExperts.delegating_to(backend, experts_cls), (
+        f"vLLM's {experts_cls.__name__} ({provider_name(value)}, vLLM's own choice for this "
+        "layer)")
+
+
+def choose_experts(module: str, config: Any, weight_key: Any, activation_key: Any,
+                   vllm_choice: Any = None) -> tuple[type | None, str | None]:
+    """``(AotExperts class, None)`` if we take this layer, else ``(None, why not)``.
+    ``vllm_choice``: see :func:`delegate_for`."""
+    reason = unsupported_reason(module, config, weight_key, activation_key)
+    if reason is not None:
+        return None, reason
+    experts_cls, note = delegate_for(vllm_choice)
+    return (experts_cls, None) if experts_cls is not None else (
+        None, f"{BINDINGS[module]} layer: {note}")
+
+
+def _scheme_name(weight_key: Any, activation_key: Any) -> str:
+    from vllm_moe_aot.integration.experts import SCHEME_BY_KEYS
+
+    scheme = SCHEME_BY_KEYS.get((weight_key, activation_key))
+    return scheme.value if scheme is not None else f"{weight_key} x {activation_key}"
 
 
 def _make_wrapper(original: Callable, module: str) -> Callable:
@@ -91,25 +154,41 @@ def _make_wrapper(original: Callable, module: str) -> Callable:
         if os.environ.get(ENV_VAR) == BACKEND_NAME:
             if _on_select is not None:
                 _on_select()
+            answer: Any = None  # vLLM's own (backend, experts class), or what it raised
+            experts_cls = None
             try:
                 bound = signature.bind(*args, **kwargs)
                 bound.apply_defaults()
                 a = bound.arguments
-                experts_cls, reason = choose_experts(module, a["config"], a["weight_key"],
-                                                     a["activation_key"])
+                reason = unsupported_reason(module, a["config"], a["weight_key"],
+                                            a["activation_key"])
+                if reason is None:
+                    try:
+                        answer = original(*args, **kwargs)
+                    except Exception as exc:  # vLLM without the plugin would raise this
+                        answer = exc
+                    experts_cls, note = delegate_for(answer)
+                    if experts_cls is None:
+                        reason = (f"{BINDINGS[module]} layer "
+                                  f"({_scheme_name(a['weight_key'], a['activation_key'])}): "
+                                  f"{note}")
             except Exception as exc:  # never let a bug of ours break vLLM's own selection
                 experts_cls, reason = None, f"hook error {type(exc).__name__}: {exc}"
                 log_once(logger, logging.WARNING, f"vllm-moe-aot: {reason}; vLLM chooses")
             if experts_cls is not None:
                 from vllm.model_executor.layers.fused_moe.oracle.fp8 import Fp8MoeBackend
 
-                log_once(logger, logging.INFO,
-                         f"vllm-moe-aot: {BINDINGS[module]} FP8 MoE layers use AotExperts "
-                         "(the AOT pipeline per tuned batch size, vLLM's TritonExperts for the "
-                         "rest)")
+                log_once(logger,
+                         logging.WARNING if isinstance(answer, BaseException) else logging.INFO,
+                         f"vllm-moe-aot: {BINDINGS[module]} FP8 MoE layers "
+                         f"({_scheme_name(a['weight_key'], a['activation_key'])}) use "
+                         "AotExperts: the AOT pipeline for the batch sizes tuned faster; "
+                         f"batches not taken go to {note}")
                 return Fp8MoeBackend.TRITON, experts_cls
             log_once(logger, logging.INFO,
                      f"vllm-moe-aot: FP8 MoE layer left to vLLM's backend choice: {reason}")
+            if isinstance(answer, tuple):
+                return answer  # vLLM's own answer, asked once
         return original(*args, **kwargs)
 
     setattr(select_fp8_moe_backend, _ORIGINAL, original)
