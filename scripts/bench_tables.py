@@ -23,7 +23,14 @@ def fmt(v, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+#: peer columns of reports written since every peer is timed (issue 12), in table order
+PEERS = (("vllm_triton", "vLLM Triton"), ("vllm_cutlass", "vLLM CUTLASS"),
+         ("torch_grouped", "torch pipeline"), ("gemm_bound", "CUTLASS-class bound"))
+
+
 def table(report: dict) -> str:
+    if "peers" in report:
+        return peer_table(report)
     lay = report["layer"]
     preset = lay["name"].split(" ")[0]
     s = lay["shape"]
@@ -61,6 +68,42 @@ def table(report: dict) -> str:
             ok = r["stock_host_us"] is not None and r["host_us"] <= r["stock_host_us"]
             lines.append(f"| {r['M']} | {fmt(r['host_us'])} | {fmt(r['stock_host_us'])} | "
                          f"{fmt(r['torch_host_us'])} | {'met' if ok else '**not met**'} |")
+    return "\n".join(lines)
+
+
+def peer_table(report: dict) -> str:
+    """Every peer timed in the run, the best whole-layer peer and our speed-up over it."""
+    lay = report["layer"]
+    s = lay["shape"]
+    names = [(n, head) for n, head in PEERS if n in report["peers"]]
+    cols = " | ".join(f"{head} µs" for _n, head in names)
+    srcs = ", ".join(f"{n} = {report['peers'][n]}" for n, _h in names)
+    lines = [f"### {lay['name']} {lay['scheme']} (E={s['E']}, K={s['K']}, N={s['N']}, "
+             f"topk={s['topk']})", "",
+             f"{report['device']['name']}; BW {report['bw_bytes_per_s'] / 1e12:.2f} TB/s and "
+             f"P {report['fp8_flops_per_s'] / 1e12:.0f} TFLOP/s measured in the same run; "
+             f"stock (what vLLM would run) = {report['stock_provider']} "
+             f"({report['stock_why']}); peers: {srcs}. The best peer is the fastest whole "
+             "layer (the bound is not one).", "",
+             f"| M | dispatch | ours µs | {cols} | best peer | vs best peer | vs stock | "
+             "F µs | time/F | err |",
+             "|" + "---|" * (10 + len(names))]
+    skipped = [k for k in report.get("skipped", [])]
+    for r in report["rows"]:
+        if r["variant"] in report["peers"]:
+            continue  # a peer's own failure row: listed below
+        peers = " | ".join(fmt(r["peer_us"].get(n)) for n, _h in names)
+        best = r["best_peer"] or "-"
+        lines.append(
+            f"| {r['M']} | {r['variant']} | {fmt(r['us'])} | {peers} | {best} | "
+            f"{fmt(r['speedup_best'], '.2f')}x | {fmt(r['speedup'], '.2f')}x | "
+            f"{fmt(r['floor_us'])} | {fmt(r['over_floor'], '.2f')} | {fmt(r['err'], '.1e')} |")
+    fails = [r for r in report["rows"] if r["variant"] in report["peers"]]
+    if fails or skipped:
+        lines.append("")
+        lines += [f"- {r['variant']} at M={r['M']}: {r['error'] or 'gate ' + r['gate']}"
+                  for r in fails]
+        lines += [f"- skipped: {k}" for k in skipped]
     return "\n".join(lines)
 
 

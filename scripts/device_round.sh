@@ -5,7 +5,10 @@
 # check: scripts/gpu_check.sh; tune: `vllm-moe-aot tune` for both presets (tuned CSVs and
 # their logs); profile: per-kernel times ($PROFILE_ARGS lines, ';'-separated); bench: `vllm-moe-aot
 # bench` for both presets (JSON, PNG, stdout; with the configs this call's tune step wrote, if
-# any). Needs carry [".vllm_stock", ".whl"].
+# any); peertest: the peers' GPU tests (vLLM CUTLASS, torch); heldout: the default policy's
+# second held-out check (scripts/validate_policy.py --layers held-out-2). Needs carry
+# [".vllm_stock", ".whl", "build/vllm_cutlass"] (the last from scripts/build_vllm_cutlass.py).
+# STEP_TIMEOUT (s, default 560) bounds each step so that the tarball is always written.
 set -u
 OUT=${OUT:-./out}
 W=$(mktemp -d)
@@ -17,6 +20,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=".:.vllm_stock${PYTHONPATH:+:$PYTHONPATH}"
 rc=0
+T=${STEP_TIMEOUT:-560}
 for step in $STEPS; do
   echo "== $step $(date -u +%H:%M:%S)"
   case $step in
@@ -31,11 +35,21 @@ for step in $STEPS; do
       [ "${TUNE_UPDATE:-0}" = 1 ] && cp vllm_moe_aot/configs/*.tuned.csv "$W/tune/"
       for p in ${TUNE_PRESETS:-qwen3.5-397b-a17b_fp8_ptpc_tp8 hy3_fp8_per_tensor_tp8}; do
         # shellcheck disable=SC2086
-        python3 -m vllm_moe_aot.cli tune -i "configs/$p.untuned.csv" -o "$W/tune/$p.tuned.csv" \
+        timeout "$T" python3 -m vllm_moe_aot.cli tune -i "configs/$p.untuned.csv" -o "$W/tune/$p.tuned.csv" \
           --timeout 120 --no-progress ${TUNE_ARGS:-} > "$W/tune/$p.stdout.txt" 2>&1 || rc=1
         tail -22 "$W/tune/$p.stdout.txt"
       done
       CONFIG_DIR=${CONFIG_DIR:-$W/tune} ;;
+    peertest)
+      mkdir -p "$W/peertest"
+      timeout "$T" python3 -m pytest -q -p no:cacheprovider -s tests/gpu/test_vllm_cutlass_gpu.py \
+        tests/gpu/test_torch_peer_gpu.py > "$W/peertest/stdout.txt" 2>&1 || rc=1
+      grep -E "vllm_cutlass|passed|failed|error" "$W/peertest/stdout.txt" | tail -40 ;;
+    heldout)
+      mkdir -p "$W/heldout"
+      timeout "$T" python3 scripts/validate_policy.py --layers held-out-2 --out "$W/heldout" \
+        > "$W/heldout/stdout.txt" 2>&1 || rc=1
+      tail -30 "$W/heldout/stdout.txt" ;;
     profile)
       mkdir -p "$W/profile"
       IFS=';' read -ra lines <<< "${PROFILE_ARGS:-}"

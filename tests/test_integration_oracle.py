@@ -156,8 +156,9 @@ def test_vllm_choice_on_h100_without_the_plugin(h100, flashinfer):
 
 
 def test_hook_on_h100_takes_the_supported_schemes(h100, plugin_on):
-    """With the plugin on an H100 that has sm_90a code objects: AotExperts for every scheme
-    we serve, vLLM's own choice for block FP8."""
+    """With the plugin on an H100 that has sm_90a code objects: AotExperts delegating to
+    vLLM's own choice for every scheme we serve where that choice shares the pipeline's weights,
+    vLLM's own choice otherwise and for block FP8."""
     import sys
 
     from vllm_moe_aot.info import code_objects_per_target
@@ -178,5 +179,17 @@ def test_hook_on_h100_takes_the_supported_schemes(h100, plugin_on):
                                   allow_vllm_cutlass=cutlass)
             if case[0] == "block fp8":
                 assert (backend.value, cls.__name__) == ("TRITON", "TritonExperts")
+                continue
+            # vLLM's own answer, unhooked: AotExperts delegates to it where it shares the
+            # pipeline's weights, else the layer stays with it (test_integration_delegate.py
+            # covers every platform variant)
+            from vllm_moe_aot.integration.hook import _ORIGINAL
+            from vllm_moe_aot.integration.providers import SHAREABLE_BACKENDS
+
+            vllm_backend, vllm_cls = getattr(select, _ORIGINAL)(
+                config=config, weight_key=wk, activation_key=ak, allow_vllm_cutlass=cutlass)
+            if vllm_backend.value in SHAREABLE_BACKENDS:
+                assert backend.value == "TRITON" and issubclass(cls, AotExperts), case[0]
+                assert cls.delegate_cls is vllm_cls, case[0]
             else:
-                assert (backend.value, cls) == ("TRITON", AotExperts), case[0]
+                assert (backend, cls) == (vllm_backend, vllm_cls), case[0]

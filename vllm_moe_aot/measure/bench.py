@@ -65,10 +65,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", nargs="+", default=["auto"],
                    help="'auto' (dispatch table), 'all' (every compiled variant) or names")
     p.add_argument("--config-dir", default=None, help="tuned configs (default: the package's)")
-    p.add_argument("--stock", choices=["auto", "vllm", "vllm_stock", "none"], default="auto")
-    p.add_argument("--torch-peer", choices=["auto", "none"], default="auto",
-                   help="also time the torch grouped-GEMM pipeline (torch._scaled_grouped_mm; "
-                        "'auto': where torch has it for this GPU)")
+    p.add_argument("--peers", nargs="+", default=["all"],
+                   choices=["all", "none", "vllm_triton", "vllm_cutlass", "torch_grouped",
+                            "gemm_bound"],
+                   help="peers to time beside ours (default all: vLLM's Triton path, vLLM's "
+                        "CUTLASS MoE, the torch grouped-GEMM pipeline, the two GEMMs alone); "
+                        "each one that cannot run here is listed as skipped with the reason")
+    p.add_argument("--stock", default="auto",
+                   choices=["auto", "none", "vllm_triton", "vllm_cutlass", "torch_grouped"],
+                   help="the peer the speed-up over stock is measured against (default auto: "
+                        "what vLLM itself would run for this layer)")
+    p.add_argument("--triton-source", choices=["auto", "vllm", "vllm_stock"], default="auto",
+                   help="where vLLM's Triton path comes from (auto: the real vLLM, else the "
+                        "carried vllm_stock copy)")
     p.add_argument("--host-tokens", type=int, nargs="*", default=[1, 8192],
                    help="token counts at which to also measure the host time of one eager "
                         "call, ours and the peers' (default: 1 8192; none: skip)")
@@ -146,14 +155,14 @@ def _argv_from_args(args) -> list[str]:
     argv = ["bench"]
     for flag, val in (("--preset", args.preset), ("--tp", args.tp), ("--shape", args.shape),
                       ("--scheme", args.scheme), ("--config-dir", args.config_dir),
-                      ("--stock", args.stock), ("--torch-peer", args.torch_peer),
+                      ("--stock", args.stock), ("--triton-source", args.triton_source),
                       ("--gate-rows", args.gate_rows),
                       ("--json", args.json), ("--plot", args.plot)):
         if val is not None:
             argv += [flag, str(val)]
     if args.tokens:
         argv += ["--tokens", *map(str, args.tokens)]
-    argv += ["--variant", *args.variant, "--cpu"]
+    argv += ["--peers", *args.peers, "--variant", *args.variant, "--cpu"]
     return argv
 
 
@@ -240,8 +249,7 @@ def run_cpu(args, shape: MoEShape, scheme: Scheme, name: str, moe_factory=None) 
                                 "tp": args.tp})
     skipped = [
         "GPU timing of the AOT pipeline (no GPU)" if not args.cpu else "GPU timing (--cpu)",
-        "stock path timing (runs on a GPU only)",
-        "torch grouped-GEMM peer timing (torch._scaled_grouped_mm runs on sm_90 GPUs only)",
+        "peer timing (vllm_triton, vllm_cutlass, torch_grouped, gemm_bound: GPU only)",
         "host time of one eager call (--host-tokens; needs the GPU path)",
         "HBM bandwidth and fp8 FLOP/s measurement, floors, GB/s, TFLOPS",
         "dispatch table (needs the GPU's name and arch); every compiled variant is checked",

@@ -52,24 +52,15 @@ def run_gpu(args, shape: MoEShape, scheme: Scheme, name: str) -> int:
     except Exception as exc:  # noqa: BLE001
         report.notes.append(f"AOT pipeline unavailable: {type(exc).__name__}: {exc}")
         print(f"warning: {report.notes[-1]}")
-    stock = None
-    if args.stock != "none":
-        from vllm_moe_aot.measure.peers.vllm_triton import describe_probe, get_stock_provider
-
-        stock = get_stock_provider(dev, prefer=None if args.stock == "auto" else args.stock)
-        if stock is None:
-            report.skipped.append(f"stock timing: no provider ({describe_probe()})")
-    report.stock_provider = stock.name if stock else None
-    peer = None
-    if args.torch_peer != "none":
-        if hasattr(torch, "_scaled_grouped_mm") and info.arch.startswith("sm_90"):
-            from vllm_moe_aot.measure.peers.torch_grouped import TorchGroupedMoE
-
-            peer = TorchGroupedMoE(scheme)
-        else:
-            report.skipped.append(f"torch grouped-GEMM peer: torch._scaled_grouped_mm serves "
-                                  f"sm_90 only (this GPU: {info.arch})")
-    report.torch_peer = peer.name if peer else None
+    peers, skipped = _lineup(args, dev, scheme)
+    report.skipped += skipped
+    report.peers = {n: p.source for n, p in peers.items()}
+    stock, report.stock_why = _stock_peer(args, scheme, peers)
+    report.stock_provider = stock
+    if stock is None and report.stock_why:
+        report.notes.append(report.stock_why)
+    print(f"peers: {', '.join(f'{n} ({p.source})' for n, p in peers.items()) or 'none'}; "
+          f"stock = {stock or 'none'} ({report.stock_why})")
     host_tokens = set(args.host_tokens or ())
     table = DispatchTable.for_layer(shape, scheme, info.name, info.arch, args.config_dir)
     report.dispatch = table.describe()
@@ -95,14 +86,14 @@ def run_gpu(args, shape: MoEShape, scheme: Scheme, name: str) -> int:
     failures = 0
     for M in tokens:
         torch.cuda.empty_cache()
-        rows = _gpu_rows_at(M, shape, scheme, dev, info, bw, peak, moe, stock, avail,
-                            variants_for(M), args.gate_rows, peer=peer,
-                            host=M in host_tokens)
+        rows = _gpu_rows_at(M, shape, scheme, dev, info, bw, peak, moe, peers, stock, avail,
+                            variants_for(M), args.gate_rows, host=M in host_tokens)
         for row in rows:
             failures += row.gate == "FAIL" or bool(row.error)
             report.rows.append(row)
-            print(f"  M={M:<7} {row.variant:<24} us={cell(row.us)} stock={cell(row.stock_us)} "
-                  f"torch={cell(row.torch_us)} floor={cell(row.floor_us)} {row.gate}"
+            print(f"  M={M:<7} {row.variant:<24} us={cell(row.us)} "
+                  + " ".join(f"{n}={cell(u)}" for n, u in row.peer_us.items())
+                  + f" floor={cell(row.floor_us)} {row.gate}"
                   + (f" {row.error}" if row.error else ""), flush=True)
     print()
     print(format_table(report))
@@ -112,10 +103,37 @@ def run_gpu(args, shape: MoEShape, scheme: Scheme, name: str) -> int:
     return 1 if failures else 0
 
 
-def _gpu_rows_at(M, shape, scheme, dev, info, bw, peak, moe, stock, avail, variants,
-                 gate_rows, peer=None, host=False) -> list[BenchRow]:
-    """Gate and time stock, the torch peer and each (variant, label) of ``variants`` at M
-    tokens; with ``host``, also the host time of one eager call of each."""
+def _lineup(args, dev, scheme):
+    from vllm_moe_aot.measure.peers.lineup import PEER_NAMES, lineup
+
+    names = tuple(PEER_NAMES) if "all" in args.peers else tuple(
+        n for n in args.peers if n != "none")
+    if args.stock not in ("auto", "none") and args.stock not in names:
+        names += (args.stock,)
+    source = None if args.triton_source == "auto" else args.triton_source
+    return lineup(dev, scheme, names, triton_source=source)
+
+
+def _stock_peer(args, scheme, peers) -> tuple[str | None, str]:
+    """(the peer that plays stock, why); stock is what vLLM would run unless --stock names
+    another."""
+    from vllm_moe_aot.measure.peers.lineup import vllm_would_run
+
+    if args.stock == "none":
+        return None, "--stock none"
+    if args.stock != "auto":
+        name, why = args.stock, "--stock"
+    else:
+        name, why = vllm_would_run(scheme)
+    if name not in peers:
+        return None, f"{name} would be stock ({why}) but does not run here"
+    return name, why
+
+
+def _gpu_rows_at(M, shape, scheme, dev, info, bw, peak, moe, peers, stock, avail, variants,
+                 gate_rows, host=False) -> list[BenchRow]:
+    """Gate and time each peer and each (variant, label) of ``variants`` at M tokens; with
+    ``host``, also the host time of one eager call of each."""
     import torch
 
     from vllm_moe_aot.measure.reference import gate
@@ -145,39 +163,39 @@ def _gpu_rows_at(M, shape, scheme, dev, info, bw, peak, moe, stock, avail, varia
         if not res.passed:
             row.error = res.reason
 
-    stock_us = None
-    stock_row = BenchRow(M=M, variant="stock", label="stock")
-    if stock is not None:
-        try:
-            check(lambda o: stock(problems[0], out=o), True, stock_row)
-            stock_us = time_graph([(lambda p=p: stock(p)) for p in problems]).us
-        except Exception as exc:  # noqa: BLE001
-            stock_row.error = f"stock: {type(exc).__name__}: {exc}"
-    torch_us = torch_host = stock_host = None
-    torch_row = BenchRow(M=M, variant="torch_grouped", label="torch grouped-GEMM")
-    if peer is not None:
+    peer_us: dict[str, float | None] = {}
+    peer_host: dict[str, float | None] = {}
+    peer_rows: dict[str, BenchRow] = {}
+    for name, peer in peers.items():
+        prow = peer_rows[name] = BenchRow(M=M, variant=name, label=name)
+        peer_us[name] = None
+        calls = []
         try:
             calls = [peer.bind(p) for p in problems]
-            check(lambda o: o.copy_(calls[0]()), True, torch_row)
-            torch_us = time_graph(calls).us
+            if peer.gated:  # peers quantise activations as vLLM does
+                check(lambda o, c=calls[0]: o.copy_(c()), True, prow)
+            if prow.gate != "FAIL":
+                peer_us[name] = prow.us = time_graph(calls).us
             if host:
-                torch_host = host_time(calls[0])
-        except Exception as exc:  # noqa: BLE001
-            torch_row.error = f"torch peer: {type(exc).__name__}: {exc}"
+                peer_host[name] = host_time(calls[0])
+        except Exception as exc:  # noqa: BLE001 - a failing peer is reported, not fatal
+            prow.error = f"{name}: {type(exc).__name__}: {exc}"
         finally:
-            calls = []
+            del calls
             torch.cuda.empty_cache()
-    if host and stock is not None and stock_us is not None:
-        stock_host = host_time(lambda: stock(problems[0]))
-    peers = {k: v for k, v in (("stock", stock_us), ("torch", torch_us)) if v}
-    best = min(peers, key=peers.get) if peers else None
+    whole = {n: u for n, u in peer_us.items() if u and peers[n].complete}
+    best = min(whole, key=whole.get) if whole else None
+    stock_us = peer_us.get(stock) if stock else None
     rows = []
     for v, label in variants:
         row = BenchRow(M=M, variant=v, label=label)
         if v == "stock":
-            row.us, row.err, row.gate, row.error = (stock_us, stock_row.err, stock_row.gate,
-                                                    stock_row.error or
-                                                    ("" if stock else "no stock provider"))
+            srow = peer_rows.get(stock) if stock else None
+            if srow is None:
+                row.error = "no stock peer"
+            else:
+                row.us, row.err, row.gate, row.error = srow.us, srow.err, srow.gate, srow.error
+                row.host_us = peer_host.get(stock)
         elif moe is None or v not in avail:
             row.error = f"variant {v!r} not available"
         else:
@@ -194,13 +212,9 @@ def _gpu_rows_at(M, shape, scheme, dev, info, bw, peak, moe, stock, avail, varia
                                                                       **p.act_scales()))
             except Exception as exc:  # noqa: BLE001
                 row.error = f"{type(exc).__name__}: {exc}"
+        row.peer_us, row.peer_host_us = dict(peer_us), dict(peer_host)
         row.stock_us, row.sets, row.experts = stock_us, sets, experts
-        row.torch_us, row.best_peer = torch_us, best
-        row.best_peer_us = peers.get(best) if best else None
-        if host:
-            if v == "stock":
-                row.host_us = stock_host
-            row.stock_host_us, row.torch_host_us = stock_host, torch_host
+        row.best_peer, row.best_peer_us = best, whole.get(best) if best else None
         row.floor_us, row.weight_floor_us, row.flop_floor_us = (
             fl.floor_us, fl.weight_floor_us, fl.flop_floor_us)
         if row.us:
@@ -212,8 +226,9 @@ def _gpu_rows_at(M, shape, scheme, dev, info, bw, peak, moe, stock, avail, varia
             if row.best_peer_us:
                 row.speedup_best = row.best_peer_us / row.us
         rows.append(row)
-    if stock is not None and stock_row.error and not any(v == "stock" for v, _ in variants):
-        rows.append(stock_row)  # keep the stock failure visible
-    if peer is not None and (torch_row.error or torch_row.gate == "FAIL"):
-        rows.append(torch_row)
+    for name, prow in peer_rows.items():  # keep a peer's failure visible
+        if (prow.error or prow.gate == "FAIL") and not (name == stock and any(
+                v == "stock" for v, _ in variants)):
+            prow.peer_us = dict(peer_us)
+            rows.append(prow)
     return rows

@@ -42,18 +42,18 @@ def floors(shape: MoEShape, M: int, experts: float, bw: float, peak_flops: float
 @dataclass
 class BenchRow:
     M: int
-    variant: str  # variant name, or "stock" when the dispatch table picks stock
+    variant: str  # variant name, "stock" when the dispatch table picks stock, or a peer's name
     label: str  # what the plot calls the line
     us: float | None = None
-    stock_us: float | None = None
+    #: µs of each peer timed at this M (measure.peers.lineup.PEER_NAMES), None where it failed
+    peer_us: dict[str, float | None] = field(default_factory=dict)
+    stock_us: float | None = None  # the stock peer's (what vLLM would run): peer_us[stock]
     speedup: float | None = None  # over stock
-    torch_us: float | None = None  # the torch grouped-GEMM peer (measure.peers.torch_grouped)
-    best_peer: str | None = None  # the faster of stock and torch at this M
+    best_peer: str | None = None  # the fastest whole-layer peer at this M
     best_peer_us: float | None = None
     speedup_best: float | None = None  # over the best peer
     host_us: float | None = None  # host µs of one eager call (--host-tokens only)
-    stock_host_us: float | None = None
-    torch_host_us: float | None = None
+    peer_host_us: dict[str, float | None] = field(default_factory=dict)
     floor_us: float | None = None
     weight_floor_us: float | None = None
     flop_floor_us: float | None = None
@@ -75,8 +75,11 @@ class BenchReport:
     device: dict = field(default_factory=dict)
     bw_bytes_per_s: float | None = None
     fp8_flops_per_s: float | None = None
+    #: the peer that stands for what vLLM would run for this layer, and why that one
     stock_provider: str | None = None
-    torch_peer: str | None = None
+    stock_why: str = ""
+    #: peer name -> what runs it (e.g. vllm_triton: "vllm_stock")
+    peers: dict[str, str] = field(default_factory=dict)
     dispatch: list = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -91,29 +94,42 @@ def cell(v, spec=".2f", none="-") -> str:
     return none if v is None else format(v, spec)
 
 
+#: short column heads of the peers (table order)
+PEER_HEADS = {"vllm_triton": "triton", "vllm_cutlass": "cutlass", "torch_grouped": "torch",
+              "gemm_bound": "bound"}
+
+
+def _x(v) -> str:
+    return cell(v, ".2f") + ("x" if v else "")
+
+
 def format_table(report: BenchReport) -> str:
     if report.mode == "gpu":
-        head = (f"{'M':>7} {'variant':<24} {'us':>10} {'stock_us':>10} {'torch_us':>10} "
-                f"{'vs_stock':>8} {'vs_best':>8} {'floor_us':>9} {'t/F':>6} {'GB/s':>8} "
+        names = [n for n in PEER_HEADS if n in report.peers]
+        peer_head = "".join(f" {PEER_HEADS[n] + '_us':>10}" for n in names)
+        head = (f"{'M':>7} {'variant':<24} {'us':>10}{peer_head} {'vs_stock':>8} "
+                f"{'vs_best':>8} {'best':>7} {'floor_us':>9} {'t/F':>6} {'GB/s':>8} "
                 f"{'TFLOPS':>7} {'experts':>7} {'err':>9} gate")
-        lines = [head, "-" * len(head)]
+        lines = [f"stock = {report.stock_provider} ({report.stock_why})" if
+                 report.stock_provider else "stock: none", head, "-" * len(head)]
         for r in report.rows:
+            peers = "".join(f" {cell(r.peer_us.get(n)):>10}" for n in names)
             lines.append(
-                f"{r.M:>7} {r.variant[:24]:<24} {cell(r.us):>10} {cell(r.stock_us):>10} "
-                f"{cell(r.torch_us):>10} "
-                f"{cell(r.speedup, '.2f') + ('x' if r.speedup else ''):>8} "
-                f"{cell(r.speedup_best, '.2f') + ('x' if r.speedup_best else ''):>8} "
+                f"{r.M:>7} {r.variant[:24]:<24} {cell(r.us):>10}{peers} {_x(r.speedup):>8} "
+                f"{_x(r.speedup_best):>8} {PEER_HEADS.get(r.best_peer or '', '-'):>7} "
                 f"{cell(r.floor_us):>9} "
                 f"{cell(r.over_floor):>6} {cell(r.gbps, '.0f'):>8} {cell(r.tflops, '.1f'):>7} "
                 f"{cell(r.experts, '.1f'):>7} {cell(r.err, '.2e'):>9} {r.gate}"
                 + (f"  {r.error}" if r.error else ""))
-        hosts = [r for r in report.rows if r.host_us or r.stock_host_us or r.torch_host_us]
+        hosts = [r for r in report.rows if r.host_us or any(r.peer_host_us.values())]
         if hosts:
             lines += ["", "host µs of one eager call (CPU time in the call, GPU idle at entry):",
-                      f"{'M':>7} {'variant':<24} {'ours':>9} {'stock':>9} {'torch':>9}"]
+                      f"{'M':>7} {'variant':<24} {'ours':>9}"
+                      + "".join(f" {PEER_HEADS[n]:>9}" for n in names)]
             for r in hosts:
-                lines.append(f"{r.M:>7} {r.variant[:24]:<24} {cell(r.host_us, '.1f'):>9} "
-                             f"{cell(r.stock_host_us, '.1f'):>9} {cell(r.torch_host_us, '.1f'):>9}")
+                lines.append(f"{r.M:>7} {r.variant[:24]:<24} {cell(r.host_us, '.1f'):>9}"
+                             + "".join(f" {cell(r.peer_host_us.get(n), '.1f'):>9}"
+                                       for n in names))
         return "\n".join(lines)
     head = f"{'M':>4} {'variant':<32} {'gate':<5} {'rel_fro':>10} {'wall_s':>8}"
     lines = [head, "-" * len(head)]
@@ -121,8 +137,6 @@ def format_table(report: BenchReport) -> str:
         lines.append(f"{r.M:>4} {r.variant[:32]:<32} {r.gate:<5} {cell(r.err, '.3e'):>10} "
                      f"{cell(r.us and r.us / 1e6, '.2f'):>8}" + (f"  {r.error}" if r.error else ""))
     return "\n".join(lines)
-
-
 
 
 def plot(report: BenchReport, path: str) -> None:
@@ -133,29 +147,26 @@ def plot(report: BenchReport, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 6))
     by_label: dict[str, list[tuple[int, float]]] = {}
-    stock: dict[int, float] = {}
-    peer: dict[int, float] = {}
+    peers: dict[str, dict[int, float]] = {}
     floor: dict[int, tuple[float, float, float]] = {}
     for r in report.rows:
         if r.us:
             by_label.setdefault(r.label, []).append((r.M, r.us))
-        if r.stock_us:
-            stock[r.M] = r.stock_us
-        if r.torch_us:
-            peer[r.M] = r.torch_us
+        for n, us in r.peer_us.items():
+            if us:
+                peers.setdefault(n, {})[r.M] = us
         if r.floor_us:
             floor[r.M] = (r.floor_us, r.weight_floor_us, r.flop_floor_us)
     for label, pts in by_label.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
-    if stock:
-        ms = sorted(stock)
-        ax.plot(ms, [stock[m] for m in ms], "s-", color="gray",
-                label=f"stock ({report.stock_provider})")
-    if peer:
-        ms = sorted(peer)
-        ax.plot(ms, [peer[m] for m in ms], "^-", color="tab:olive",
-                label="torch grouped-GEMM (_scaled_grouped_mm)")
+    styles = {"vllm_triton": ("s-", "gray"), "vllm_cutlass": ("D-", "tab:brown"),
+              "torch_grouped": ("^-", "tab:olive"), "gemm_bound": ("v:", "tab:purple")}
+    for n, pts in peers.items():
+        ms = sorted(pts)
+        marker, color = styles.get(n, ("x-", "black"))
+        tag = " = stock" if n == report.stock_provider else ""
+        ax.plot(ms, [pts[m] for m in ms], marker, color=color, label=f"{n}{tag}")
     if floor:
         ms = sorted(floor)
         ax.plot(ms, [floor[m][0] for m in ms], "k--", label="floor max(bytes/BW, FLOPs/P)")

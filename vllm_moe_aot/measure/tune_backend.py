@@ -62,7 +62,9 @@ class TuneBackend(Protocol):
     """What the tuning loop needs from the machine."""
 
     device: DeviceInfo
-    stock_name: str | None
+    stock_name: str | None  # for the session line; rows use stock_name_of
+
+    def stock_name_of(self, key: RowKey) -> str | None: ...
 
     def candidates(self, key: RowKey) -> tuple[list[Candidate], list[str]]: ...
 
@@ -111,8 +113,13 @@ class LayerBackend:
         self.dev = torch.device(device)
         self.device = info
         self.moe_factory = moe_factory or _default_moe_factory
-        self.stock = stock
-        self.stock_name = getattr(stock, "name", None) if stock is not None else None
+        #: ``stock`` is one provider for every row, or a function of the row's scheme
+        #: (:func:`~vllm_moe_aot.measure.peers.lineup.vllm_would_run` per scheme)
+        self._stock_for = stock if callable(stock) and not hasattr(stock, "name") else None
+        self.stock = None if self._stock_for else stock
+        self._stocks: dict[str, object] = {}
+        self.stock_name = (getattr(stock, "name", None) if self.stock is not None
+                           else "per scheme" if self._stock_for else None)
         self.timer = timer or graph_timer
         self.gate_rows = gate_rows
         self.seed = seed
@@ -125,6 +132,18 @@ class LayerBackend:
         self._refs: dict[bool, torch.Tensor] = {}
         self._timing: list = []
         self._outs: list[torch.Tensor] = []
+
+    def stock_of(self, key: RowKey):
+        """The stock peer for this row (what vLLM would run for its scheme), or None."""
+        if self._stock_for is None:
+            return self.stock
+        if key.scheme not in self._stocks:
+            self._stocks[key.scheme] = self._stock_for(scheme_of_family(key.scheme))
+        return self._stocks[key.scheme]
+
+    def stock_name_of(self, key: RowKey) -> str | None:
+        stock = self.stock_of(key)
+        return getattr(stock, "name", None) if stock is not None else None
 
     # -- planning
     def plan(self, keys: Sequence[RowKey]) -> None:
@@ -152,7 +171,7 @@ class LayerBackend:
         else:
             for v in moe.variants_for(key.tokens):
                 cands.append(Candidate(v, "aot", bool(moe.quantize_activations(v))))
-        if self.stock is not None:
+        if self.stock_of(key) is not None:
             cands.append(Candidate(STOCK, "stock", True))
         else:
             notes.append("no stock provider")
@@ -177,7 +196,7 @@ class LayerBackend:
 
     def _run(self, cand: Candidate, problem, out: torch.Tensor, key: RowKey):
         if cand.backend == "stock":
-            return self.stock(problem, out=out)
+            return self.stock_of(key)(problem, out=out)
         moe = self._moe(key)
         return moe.run(cand.name, *problem.tensors(), out, **problem.act_scales())
 
@@ -211,7 +230,11 @@ class LayerBackend:
 
     def time(self, key: RowKey, cand: Candidate, deadline: float | None) -> float:
         if cand.backend == "stock":
-            fns = [(lambda p=p: self.stock(p)) for p in self._timing]
+            stock = self.stock_of(key)
+            if hasattr(stock, "bind"):  # bound once: nothing is set up inside the capture
+                fns = [stock.bind(p) for p in self._timing]
+            else:
+                fns = [(lambda p=p: stock(p)) for p in self._timing]
         else:
             moe = self._moe(key)
             fns = [(lambda p=p, o=o: moe.run(cand.name, *p.tensors(), o, **p.act_scales()))

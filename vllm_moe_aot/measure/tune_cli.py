@@ -66,12 +66,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="retune rows already tuned for this GPU")
     p.add_argument("--gate-rows", type=int, default=256,
                    help="tokens compared with the float64 reference per gate (default 256)")
-    p.add_argument("--stock", choices=["auto", "vllm", "vllm_stock", "none"], default="auto",
-                   help="stock provider (default: vllm, else vllm_stock)")
+    p.add_argument("--stock", default="auto",
+                   choices=["auto", "none", "vllm_triton", "vllm_cutlass", "torch_grouped"],
+                   help="the peer a variant must beat to win a row, recorded in the row's "
+                        "stock_provider (default auto: what vLLM itself would run for the "
+                        "row's scheme on this machine, e.g. vllm_cutlass for ptpc on Hopper)")
+    p.add_argument("--triton-source", choices=["auto", "vllm", "vllm_stock"], default="auto",
+                   help="where vLLM's Triton path comes from (auto: the real vLLM, else the "
+                        "carried vllm_stock copy)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--min-gain", type=float, default=MIN_GAIN,
                    help=f"lead over stock an AOT variant needs to win a row (fraction, default "
                         f"{MIN_GAIN}): smaller leads are within run-to-run spread")
+
+
+def _stock_for(args, dev):
+    """A function scheme -> the stock peer for rows of that scheme (None where it cannot run
+    here: the row is tuned over AOT variants only, and a note says why)."""
+    from vllm_moe_aot.measure.peers.lineup import lineup, vllm_would_run
+
+    source = None if args.triton_source == "auto" else args.triton_source
+
+    def stock_for(scheme):
+        name, why = (args.stock, "--stock") if args.stock != "auto" else vllm_would_run(scheme)
+        peers, skipped = lineup(dev, scheme, (name,), triton_source=source)
+        if name not in peers:
+            print(f"note: no stock peer for {scheme.value} ({'; '.join(skipped)}); tuning AOT "
+                  "variants only", file=sys.stderr)
+            return None
+        print(f"stock for {scheme.value}: {name} ({peers[name].source}; {why})")
+        return peers[name]
+
+    return stock_for
 
 
 def _print_issues(issues: Sequence[ConfigIssue]) -> None:
@@ -198,14 +224,7 @@ def run(args: argparse.Namespace, backend: TuneBackend | None = None) -> int:
             print(f"error: {exc}" + (f"; {no_gpu_note}" if no_gpu_note else ""),
                   file=sys.stderr)
             return 2
-        stock = None
-        if args.stock != "none":
-            from vllm_moe_aot.measure.peers.vllm_triton import describe_probe, get_stock_provider
-
-            stock = get_stock_provider(dev, prefer=None if args.stock == "auto" else args.stock)
-            if stock is None:
-                print(f"note: no stock provider ({describe_probe()}); tuning AOT variants "
-                      "only", file=sys.stderr)
+        stock = None if args.stock == "none" else _stock_for(args, dev)
         backend = LayerBackend(dev, device_info(dev), stock=stock, gate_rows=args.gate_rows)
     dev_info = backend.device
     print(f"tuning {len(keys)} row(s) of {inp} on {dev_info.name} ({dev_info.arch}, "

@@ -73,6 +73,11 @@ class StockProvider:
             return out
         return y
 
+    def bind(self, problem: MoEProblem) -> Callable[[], torch.Tensor]:
+        """A function of no arguments that runs ``problem`` (the peers' common face,
+        :mod:`vllm_moe_aot.measure.peers.lineup`); vLLM allocates its output per call."""
+        return lambda: self(problem)
+
     def __call__(self, problem: MoEProblem | torch.Tensor, *args,
                  out: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """``provider(problem, out=None)`` or ``provider(x, w13, ..., scheme=..., out=None)``
