@@ -77,7 +77,8 @@ def peer_table(report: dict) -> str:
     s = lay["shape"]
     names = [(n, head) for n, head in PEERS if n in report["peers"]]
     cols = " | ".join(f"{head} µs" for _n, head in names)
-    srcs = ", ".join(f"{n} = {report['peers'][n]}" for n, _h in names)
+    # a library path says only where this run's machine kept it: its name is the fact
+    srcs = ", ".join(f"{n} = {report['peers'][n].rsplit('/', 1)[-1]}" for n, _h in names)
     lines = [f"### {lay['name']} {lay['scheme']} (E={s['E']}, K={s['K']}, N={s['N']}, "
              f"topk={s['topk']})", "",
              f"{report['device']['name']}; BW {report['bw_bytes_per_s'] / 1e12:.2f} TB/s and "
@@ -87,7 +88,7 @@ def peer_table(report: dict) -> str:
              "layer (the bound is not one).", "",
              f"| M | dispatch | ours µs | {cols} | best peer | vs best peer | vs stock | "
              "F µs | time/F | err |",
-             "|" + "---|" * (10 + len(names))]
+             "|" + "---|" * (9 + len(names))]
     skipped = [k for k in report.get("skipped", [])]
     for r in report["rows"]:
         if r["variant"] in report["peers"]:

@@ -55,12 +55,49 @@ HELD_OUT_2: tuple[SurveyLayer, ...] = tuple(
 HELD_OUT = {"held-out-1": HELD_OUT_1, "held-out-2": HELD_OUT_2}
 
 
+def markdown_table(csv_path: str) -> str:
+    """A validation.csv as docs/default-dispatch.md shows it: policy / stock per (layer, M)
+    ("stock" where the policy says stock, "-" where the run's budget ended), then the minimum
+    over the AOT buckets."""
+    import csv
+
+    rows = list(csv.DictReader(open(csv_path)))
+    layers: dict[str, dict[int, str]] = {}
+    worst = None
+    for r in rows:
+        cells = layers.setdefault(f"{r['layer']} ({r['E']},{r['K']},{r['N']},{r['topk']})", {})
+        if r["policy"] == "stock":
+            cells[int(r["M"])] = "stock"
+        elif r["policy_us"] and r["stock_us"]:
+            ratio = float(r["stock_us"]) / float(r["policy_us"])
+            cells[int(r["M"])] = f"{ratio:.2f}"
+            if worst is None or ratio < worst[0]:
+                worst = (ratio, r["layer"], r["M"])
+    ms = sorted({m for c in layers.values() for m in c})
+    out = ["| layer (E,K,N,topk) | " + " | ".join(map(str, ms)) + " |",
+           "|---|" + "---|" * len(ms)]
+    out += [f"| {name} | " + " | ".join(c.get(m, "-") for m in ms) + " |"
+            for name, c in layers.items()]
+    if worst is not None:
+        out += ["", f"**Minimum over the policy's AOT buckets, measured: {worst[0]:.3f}x stock "
+                    f"({worst[1]}, M={worst[2]}) (>= 0.97 required).**"]
+    return "\n".join(out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
     p.add_argument("--budget-s", type=float, default=200.0)
     p.add_argument("--layers", choices=("survey", *HELD_OUT), default="survey")
+    p.add_argument("--table", metavar="CSV",
+                   help="print a validation.csv as the markdown table of "
+                        "docs/default-dispatch.md and stop (no GPU)")
     args = p.parse_args()
+    if args.table:
+        print(markdown_table(args.table))
+        return 0
+    if not args.out:
+        p.error("--out is required (unless --table)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = require_gpu("validate_policy")

@@ -103,7 +103,7 @@ def _vllm_cutlass(dev: torch.device, scheme: Scheme) -> tuple[Peer | None, str]:
     if why is not None:
         return None, why
     impl = vllm_cutlass.VllmCutlassMoE(scheme)
-    return Peer("vllm_cutlass", str(impl.lib.path), impl.bind), ""
+    return Peer("vllm_cutlass", impl.lib.path.name, impl.bind), ""
 
 
 def _torch(dev: torch.device, scheme: Scheme, name: str) -> tuple[Peer | None, str]:
