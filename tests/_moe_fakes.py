@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from vllm_moe_aot.measure.reference import reference_moe
+from vllm_moe_aot.pipeline import FusedMoE
 from vllm_moe_aot.shapes import MoEShape, Scheme
 
 #: variant -> (quantize_activations, output multiplier; 1.0 is correct)
@@ -24,6 +25,8 @@ class FakeFusedMoE:
     """Same constructor and methods as ``vllm_moe_aot.pipeline.FusedMoE``."""
 
     instances: list[FakeFusedMoE] = []
+    #: the real sharing logic (one pipeline per layer, failures remembered), building fakes
+    shared = classmethod(FusedMoE.shared.__func__)
 
     def __init__(self, shape: MoEShape, scheme: Scheme | str, device, max_tokens: int = 8192,
                  variants: dict[str, tuple[bool, float]] | None = None):

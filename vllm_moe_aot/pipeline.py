@@ -5,9 +5,10 @@
 
 ``run`` launches the variant's code objects on the current stream, allocates nothing, never
 synchronises and is CUDA-graph capturable. Its buffers live in a :class:`Workspace` sized once
-for ``max_tokens``; larger batches are processed in chunks of that many tokens. Workspaces are
-cached per (device, shape, token budget) and shared by every layer of that shape: layers run
-one after another on one stream, so one set of buffers serves them all.
+for ``max_tokens``; larger batches are processed in chunks of that many tokens.
+:meth:`FusedMoE.shared` is the one place layers share: every layer of one (shape, scheme,
+device, token budget) gets the same pipeline and so the same buffers, since layers run one
+after another on one stream.
 
 Inputs (vLLM's layout): ``x`` bf16 ``[M, K]``; ``w13`` fp8 ``[E, 2N, K]`` (gate rows, then up);
 ``w2`` fp8 ``[E, K, N]``; scales fp32, ``[E]`` per tensor or ``[E, 2N]`` / ``[E, K]`` for ptpc;
@@ -54,9 +55,6 @@ class Workspace:
     here once, and the scatter kernel re-zeroes it after align has consumed it).
     """
 
-    _cache: dict[tuple, Workspace] = {}
-    _lock = threading.Lock()
-
     def __init__(self, shape: MoEShape, device: torch.device, tokens: int, max_block_m: int,
                  fp8: torch.dtype):
         E, K, N, topk = shape.E, shape.K, shape.N, shape.topk
@@ -78,23 +76,17 @@ class Workspace:
         self.partial = torch.empty(pairs, K, dtype=torch.bfloat16, device=device)
         self.acc = torch.empty(tokens, K, **f32)  # atomic stage 2's accumulator
 
-    @classmethod
-    def clear_cache(cls) -> None:
-        with cls._lock:
-            cls._cache.clear()
-
-    @classmethod
-    def get(cls, shape: MoEShape, device: torch.device, tokens: int, max_block_m: int,
-            fp8: torch.dtype) -> Workspace:
-        key = (str(device), shape, tokens, max_block_m, fp8)
-        with cls._lock:
-            ws = cls._cache.get(key)
-            if ws is None:
-                ws = cls._cache[key] = cls(shape, device, tokens, max_block_m, fp8)
-            return ws
+#: FusedMoE.shared's pipelines (or the error building one raised), by layer
+_shared: dict[tuple, Any] = {}
+_shared_lock = threading.Lock()
 
 
-caches.register("pipeline.Workspace", Workspace.clear_cache)
+def _clear_shared() -> None:
+    with _shared_lock:
+        _shared.clear()
+
+
+caches.register("pipeline.FusedMoE.shared", _clear_shared)
 
 
 class FusedMoE:
@@ -143,7 +135,30 @@ class FusedMoE:
                              f"{self.runtime.target}")
         max_bm = max([v.block_m for v in self._variants.values()] + [16])
         self.chunk = min(max_tokens, MAX_CHUNK_TOKENS)
-        self.ws = Workspace.get(shape, self.device, self.chunk, max_bm, self.fp8)
+        self.ws = Workspace(shape, self.device, self.chunk, max_bm, self.fp8)
+
+    @classmethod
+    def shared(cls, shape: MoEShape, scheme: Scheme, device: torch.device | str,
+               max_tokens: int) -> FusedMoE:
+        """The process's one pipeline for this layer, built on first use with the default
+        runtime; a failure to build it is remembered and raised again (the layers that share
+        it fall back together, and nothing is retried per layer)."""
+        key = (shape, Scheme.parse(scheme) if isinstance(scheme, str) else scheme,
+               str(device), max_tokens)
+        with _shared_lock:
+            cached = _shared.get(key)
+        if isinstance(cached, BaseException):
+            raise cached
+        if cached is not None:
+            return cached
+        try:
+            moe = cls(shape, key[1], device, max_tokens=max_tokens)
+        except Exception as exc:
+            with _shared_lock:
+                _shared[key] = exc
+            raise
+        with _shared_lock:
+            return _shared.setdefault(key, moe)
 
     @property
     def variants(self) -> list[str]:

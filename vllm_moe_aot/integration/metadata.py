@@ -30,14 +30,12 @@ DEFAULT_MAX_TOKENS = 8192
 
 _lock = threading.Lock()
 _tables: dict[tuple, Any] = {}
-_pipelines: dict[tuple, Any] = {}
 
 
 def clear_caches() -> None:
-    """Forget shared pipelines and dispatch tables (tests; a process never needs it)."""
+    """Forget the dispatch tables (tests; a process never needs it)."""
     with _lock:
         _tables.clear()
-        _pipelines.clear()
 
 
 caches.register("integration.metadata", clear_caches)
@@ -111,24 +109,10 @@ def dispatch_table(shape: MoEShape, scheme: Scheme, gpu_name: str, arch: str,
 
 
 def pipeline_for(shape: MoEShape, scheme: Scheme, device: torch.device, max_tokens: int) -> Any:
-    """The shared ``FusedMoE`` pipeline; a failure is remembered and raised again."""
-    key = (shape, scheme, str(device), max_tokens)
-    with _lock:
-        cached = _pipelines.get(key)
-    if isinstance(cached, BaseException):
-        raise cached
-    if cached is not None:
-        return cached
+    """The shared ``FusedMoE`` pipeline (:meth:`FusedMoE.shared`: one per layer shape)."""
     from vllm_moe_aot.pipeline import FusedMoE
 
-    try:
-        pipeline = FusedMoE(shape, scheme, device, max_tokens=max_tokens)
-    except Exception as exc:
-        with _lock:
-            _pipelines[key] = exc
-        raise
-    with _lock:
-        return _pipelines.setdefault(key, pipeline)
+    return FusedMoE.shared(shape, scheme, device, max_tokens)
 
 
 @dataclass(frozen=True, eq=False)
