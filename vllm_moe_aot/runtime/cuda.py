@@ -17,7 +17,7 @@ from typing import Any
 
 from vllm_moe_aot.runtime.code_object import CodeObject
 from vllm_moe_aot.runtime.errors import CodeObjectError
-from vllm_moe_aot.runtime.kernel import DriverLauncher, Kernel, torch_stream_fn
+from vllm_moe_aot.runtime.kernel import DriverKernel, DriverLauncher, torch_stream_fn
 
 __all__ = ["CudaKernel", "CudaLauncher", "torch_stream_fn"]
 
@@ -149,20 +149,13 @@ class CudaLauncher(DriverLauncher):
         return CudaKernel(self, co, module, func, max_programs)
 
 
-class CudaKernel(Kernel):
+class CudaKernel(DriverKernel):
     def __init__(self, launcher: CudaLauncher, co: CodeObject, module: Any, func: Any,
                  max_programs: int | None):
+        super().__init__(launcher, co, module, func, max_programs)
         e = co.entry
-        self._bind(e, e.target, launcher.scratch_for(e, max_programs), co.path)
-        self.launcher = launcher
-        self.module, self.func = module, func
-        self._addr = self.params.address
-        self._threads = e.threads_per_block
-        self._shared = e.shared
-        self._stream = launcher._stream_fn
         self._drv = launcher.drv
         self._launch_fn = launcher.drv.cuLaunchKernel
-        self._ok = launcher.SUCCESS
         self._configs: dict[bool, Any] = {}
         # a cooperative kernel always goes through cuLaunchKernelEx with its attribute
         self._always_ex = bool(e.launch_cooperative_grid or e.launch_pdl)

@@ -17,7 +17,7 @@ from typing import Any
 
 from vllm_moe_aot.runtime.code_object import CodeObject
 from vllm_moe_aot.runtime.errors import CodeObjectError
-from vllm_moe_aot.runtime.kernel import DriverLauncher, Kernel
+from vllm_moe_aot.runtime.kernel import DriverKernel, DriverLauncher
 
 _HINTS = {
     "hipErrorNoBinaryForGpu": "the code object is for another GPU (gfx942 vs gfx950?)",
@@ -113,19 +113,12 @@ class HipLauncher(DriverLauncher):
         return HipKernel(self, co, module, func, max_programs)
 
 
-class HipKernel(Kernel):
+class HipKernel(DriverKernel):
     def __init__(self, launcher: HipLauncher, co: CodeObject, module: Any, func: Any,
                  max_programs: int | None):
+        super().__init__(launcher, co, module, func, max_programs)
         e = co.entry
-        self._bind(e, e.target, launcher.scratch_for(e, max_programs), co.path)
-        self.launcher = launcher
-        self.module, self.func = module, func
-        self._addr = self.params.address
-        self._threads = e.threads_per_block
-        self._shared = e.shared
-        self._stream = launcher._stream_fn
         self._launch_fn = launcher.drv.hipModuleLaunchKernel
-        self._ok = launcher.SUCCESS
         if e.launch_cooperative_grid:
             raise CodeObjectError(f"kernel {e.name!r}: cooperative launches are not supported "
                                   f"by the HIP launcher")

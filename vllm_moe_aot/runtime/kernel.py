@@ -117,6 +117,23 @@ class Kernel:
         return LaunchArgumentError(f"kernel {self.name!r}: bad launch arguments: {exc}")
 
 
+class DriverKernel(Kernel):
+    """A kernel loaded through a GPU driver (CUDA, HIP): what both hold; subclasses add only
+    their driver's launch call."""
+
+    def __init__(self, launcher: DriverLauncher, co: Any, module: Any, func: Any,
+                 max_programs: int | None):
+        e = co.entry
+        self._bind(e, e.target, launcher.scratch_for(e, max_programs), co.path)
+        self.launcher = launcher
+        self.module, self.func = module, func
+        self._addr = self.params.address
+        self._threads = e.threads_per_block
+        self._shared = e.shared
+        self._stream = launcher._stream_fn
+        self._ok = launcher.SUCCESS
+
+
 class DriverLauncher:
     """What the CUDA and HIP launchers share: the device, stream and scratch allocator, and
     status checking with messages that name the call, the kernel and what to do. Subclasses

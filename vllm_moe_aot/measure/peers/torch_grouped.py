@@ -106,11 +106,9 @@ class TorchGroupedMoE:
         return call
 
     def __call__(self, problem: MoEProblem, out: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.bind(problem)()
-        if out is not None:
-            out.copy_(y)
-            return out
-        return y
+        from vllm_moe_aot.measure.peers.lineup import run_bound
+
+        return run_bound(self.bind, problem, out)
 
     def forward(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                 s13_rows: torch.Tensor, s2_rows: torch.Tensor, topk_weights: torch.Tensor,

@@ -405,11 +405,9 @@ class VllmCutlassMoE:
         return call
 
     def __call__(self, problem: MoEProblem, out: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.bind(problem)()
-        if out is not None:
-            out.copy_(y)
-            return out
-        return y
+        from vllm_moe_aot.measure.peers.lineup import run_bound
+
+        return run_bound(self.bind, problem, out)
 
     def _quant(self, src: torch.Tensor, dst: torch.Tensor, scale_out: torch.Tensor,
                static_scale: torch.Tensor | None, stream: int) -> torch.Tensor:
