@@ -64,3 +64,31 @@ def test_built_library_picks_vllms_sm90_config():
              (65, 4096, 8192): "K8192"}
     for (m, n, k), want in cases.items():
         assert lib.config_for(m, n, k)[0] == want, (m, n, k)
+
+
+def test_tune_stock_falls_back_to_triton_when_vllms_choice_cannot_run(monkeypatch, capsys):
+    """A ptpc row on a machine without the built CUTLASS library is still tuned against a
+    stock peer (vLLM's Triton path), and the row will name that peer, not vllm_cutlass."""
+    import argparse
+
+    import torch
+
+    from vllm_moe_aot.measure import tune_cli
+
+    def fake_lineup(dev, scheme, names, triton_source=None):
+        peers = {n: lineup.Peer(n, "fake", lambda p: (lambda: None))
+                 for n in names if n == "vllm_triton"}
+        return peers, [f"{n}: not built" for n in names if n not in peers]
+
+    monkeypatch.setattr(lineup, "vllm_would_run", lambda s: ("vllm_cutlass", "rule"))
+    monkeypatch.setattr(lineup, "lineup", fake_lineup)
+    stock_for = tune_cli._stock_for(argparse.Namespace(stock="auto", triton_source="auto"),
+                                    torch.device("cpu"))
+    peer = stock_for(Scheme.FP8_PTPC)
+    assert peer is not None and peer.name == "vllm_triton"
+    assert "vllm_cutlass would be stock" in capsys.readouterr().err
+    # asked for by name, no stand-in
+    stock_for = tune_cli._stock_for(argparse.Namespace(stock="vllm_cutlass",
+                                                       triton_source="auto"),
+                                    torch.device("cpu"))
+    assert stock_for(Scheme.FP8_PTPC) is None

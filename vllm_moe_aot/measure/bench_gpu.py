@@ -110,6 +110,8 @@ def _lineup(args, dev, scheme):
         n for n in args.peers if n != "none")
     if args.stock not in ("auto", "none") and args.stock not in names:
         names += (args.stock,)
+    if args.stock == "auto" and "vllm_triton" not in names:
+        names += ("vllm_triton",)  # stands in where what vLLM would run cannot
     source = None if args.triton_source == "auto" else args.triton_source
     return lineup(dev, scheme, names, triton_source=source)
 
@@ -126,6 +128,9 @@ def _stock_peer(args, scheme, peers) -> tuple[str | None, str]:
     else:
         name, why = vllm_would_run(scheme)
     if name not in peers:
+        if args.stock == "auto" and "vllm_triton" in peers:
+            return "vllm_triton", (f"{name} would be stock ({why}) but does not run here; "
+                                   "vllm_triton stands in")
         return None, f"{name} would be stock ({why}) but does not run here"
     return name, why
 

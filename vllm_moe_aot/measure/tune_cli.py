@@ -90,6 +90,14 @@ def _stock_for(args, dev):
     def stock_for(scheme):
         name, why = (args.stock, "--stock") if args.stock != "auto" else vllm_would_run(scheme)
         peers, skipped = lineup(dev, scheme, (name,), triton_source=source)
+        if name not in peers and args.stock == "auto" and name != "vllm_triton":
+            # what vLLM would run cannot run here (e.g. the CUTLASS library is not built):
+            # its Triton path stands in, and the rows say so in stock_provider
+            print(f"note: {name} would be stock for {scheme.value} but cannot run here "
+                  f"({'; '.join(skipped)}); vllm_triton stands in", file=sys.stderr)
+            name, why = "vllm_triton", f"standing in for {name}"
+            peers, more = lineup(dev, scheme, (name,), triton_source=source)
+            skipped += more
         if name not in peers:
             print(f"note: no stock peer for {scheme.value} ({'; '.join(skipped)}); tuning AOT "
                   "variants only", file=sys.stderr)
