@@ -34,7 +34,7 @@ sum)                                                                        (fin
 =====================================  ===================================  ======================
 
 **Stand-ins: none** of vLLM's kernels is replaced; the two torch steps are torch in vLLM too.
-What is ours: the host code that launches them (``csrc/vllm_cutlass_moe/wrapper.cu``; vLLM's is
+What is ours: the host code that launches them (``csrc/vllm_cutlass_moe/``; vLLM's is
 written against ``torch::stable::Tensor``), this module's buffer management (one preallocated
 workspace per (device, M) shared by all bound problems, laid out as vLLM's ``workspace13`` /
 ``workspace2``), and CUTLASS v4.7.0 where vLLM pins v4.7.1 if that tag is unavailable at build
@@ -73,7 +73,7 @@ BUILD_SCRIPT = "scripts/build_vllm_cutlass.py"
 ABI_VERSION = 1
 #: get_group_gemm_starts runs one thread per expert (as in vLLM)
 MAX_EXPERTS = 1024
-#: status codes of wrapper.cu
+#: status codes of csrc/vllm_cutlass_moe/common.cuh
 STATUS = {0: "ok", 1: "bad argument", 2: "CUDA error", 3: "CUTLASS error",
           4: "config not built", 5: "scratch too small", 6: "C++ exception"}
 
