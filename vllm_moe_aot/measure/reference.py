@@ -73,11 +73,17 @@ def reference_moe(
     a13_scale: torch.Tensor | None = None,
     a2_scale: torch.Tensor | None = None,
     quantize_activations: bool = True,
+    expert_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The layer in float64 on the CPU: ``[M, K]`` float64.
 
     ``w13_scale``/``w2_scale`` are ``[E]`` (per tensor) or ``[E, 2N]``/``[E, K]`` (ptpc; a
     trailing singleton dimension is accepted).
+
+    ``expert_map`` (expert parallelism, vLLM's convention): int ``[global experts]``, each
+    global expert id -> its slot in this rank's weights, or -1 when another rank holds it.
+    ``topk_ids`` are then global ids, the weights and scales hold the local experts only, and a
+    pair routed to another rank contributes nothing here (that rank adds it).
     """
     scheme = Scheme.parse(scheme) if isinstance(scheme, str) else scheme
     fp8 = w13.dtype
@@ -89,10 +95,21 @@ def reference_moe(
     s2 = w2_scale.detach().cpu().double().reshape(E, -1)
     ids = topk_ids.detach().cpu().long()
     tw = topk_weights.detach().cpu().double()
+    local = None
+    if expert_map is not None:
+        local = expert_map.detach().cpu().long()
+        if local.dim() != 1 or (local.numel() and int(local.max()) >= E):
+            raise ValueError(f"expert_map must be 1-D with slots < {E} local experts")
+        if ids.numel() and int(ids.max()) >= local.numel():
+            raise ValueError(f"topk_ids reach expert {int(ids.max())}; expert_map covers "
+                             f"{local.numel()}")
     out = torch.zeros(M, K, dtype=torch.float64)
     a1 = _act_quant(xd, scheme, a13_scale, fp8) if quantize_activations else xd
-    for e in ids.unique().tolist():
-        rows, slots = (ids == e).nonzero(as_tuple=True)
+    for g in ids.unique().tolist():
+        e = g if local is None else int(local[g])
+        if e < 0:
+            continue  # another rank's expert
+        rows, slots = (ids == g).nonzero(as_tuple=True)
         w13e = w13[e].detach().cpu().double() * s13[e].reshape(-1, 1)  # [2N, K]
         w2e = w2[e].detach().cpu().double() * s2[e].reshape(-1, 1)  # [K, N]
         h = a1[rows] @ w13e.T  # [r, 2N]
