@@ -11,7 +11,6 @@ import inspect
 import sys
 
 import pytest
-import torch
 
 from tests import integration_support as support
 from vllm_moe_aot.integration import providers as P
@@ -82,51 +81,13 @@ class Sm90:
             flashinfer_cutlass_moe,
             fused_humming_moe,
         )
-        from vllm.model_executor.layers.fused_moe.oracle import fp8 as oracle
-        from vllm.platforms.interface import DeviceCapability, Platform, PlatformEnum
 
-        from vllm_moe_aot.integration import hook
-
-        if not hook.is_installed():  # import every binding module (and the oracle's imports)
-            hook.install()
-            hook.uninstall()
-        for backend in oracle.Fp8MoeBackend:  # the oracle imports backends lazily: do it now
-            try:
-                oracle.backend_to_kernel_cls(backend)
-            except ValueError:
-                pass
+        support.load_oracle_backends()
         for name in _DEEP_GEMM_AND_AITER:
             monkeypatch.delenv(name, raising=False)
 
-        class H100Platform(Platform):
-            _enum = PlatformEnum.CUDA
-            device_name = "cuda"
-            device_type = "cuda"
-            dispatch_key = "CUDA"
-            ray_device_key = "GPU"
-
-            @classmethod
-            def get_device_capability(cls, device_id: int = 0):
-                return DeviceCapability(9, 0)
-
-            @classmethod
-            def get_device_name(cls, device_id: int = 0) -> str:
-                return "NVIDIA H100 80GB HBM3"
-
-            @classmethod
-            def supports_fp8(cls) -> bool:
-                return True
-
-            @classmethod
-            def is_fp8_fnuz(cls) -> bool:
-                return False
-
-            @classmethod
-            def fp8_dtype(cls) -> torch.dtype:
-                return torch.float8_e4m3fn
-
         self.flags = H100
-        self._cls = H100Platform
+        self._cls = support.h100_platform()
         self._platform = vllm.platforms.current_platform
         self._depth = 0
         # the support functions, as the oracle's experts classes call them

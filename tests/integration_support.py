@@ -178,6 +178,59 @@ def cpu_vllm(**parallel):
         yield cfg
 
 
+def load_oracle_backends() -> None:
+    """Import what vLLM's FP8 MoE oracle would import lazily (every binding module of the hook,
+    every backend's experts class), so that stand-ins can patch those modules beforehand."""
+    from vllm.model_executor.layers.fused_moe.oracle import fp8 as oracle
+
+    from vllm_moe_aot.integration import hook
+
+    if not hook.is_installed():  # importing every binding module imports the oracle's
+        hook.install()
+        hook.uninstall()
+    for backend in oracle.Fp8MoeBackend:
+        try:
+            oracle.backend_to_kernel_cls(backend)
+        except ValueError:
+            pass
+
+
+@functools.cache
+def h100_platform() -> type:
+    """A vLLM ``Platform`` class reporting an H100 (CUDA, capability 9.0, e4m3fn fp8): set
+    as ``current_platform.__class__`` for a while, it makes the oracle see an sm_90 GPU."""
+    from vllm.platforms.interface import DeviceCapability, Platform, PlatformEnum
+
+    class H100Platform(Platform):
+        _enum = PlatformEnum.CUDA
+        device_name = "cuda"
+        device_type = "cuda"
+        dispatch_key = "CUDA"
+        ray_device_key = "GPU"
+
+        @classmethod
+        def get_device_capability(cls, device_id: int = 0):
+            return DeviceCapability(9, 0)
+
+        @classmethod
+        def get_device_name(cls, device_id: int = 0) -> str:
+            return "NVIDIA H100 80GB HBM3"
+
+        @classmethod
+        def supports_fp8(cls) -> bool:
+            return True
+
+        @classmethod
+        def is_fp8_fnuz(cls) -> bool:
+            return False
+
+        @classmethod
+        def fp8_dtype(cls) -> torch.dtype:
+            return torch.float8_e4m3fn
+
+    return H100Platform
+
+
 def quant_config(kind: str):
     """vLLM's quantization config that gives the FP8 MoE method of ``kind``."""
     if kind in ("fp8_static", "fp8_dynamic", "fp8_block"):

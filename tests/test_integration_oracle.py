@@ -59,45 +59,9 @@ def h100(monkeypatch):
     import vllm._custom_ops as ops
     import vllm.platforms
     from vllm.model_executor.layers.fused_moe.experts import flashinfer_cutlass_moe
-    from vllm.model_executor.layers.fused_moe.oracle import fp8 as oracle
-    from vllm.platforms.interface import DeviceCapability, Platform, PlatformEnum
 
-    from vllm_moe_aot.integration import hook
-
-    hook.install()  # imports every binding module (and with them the oracle's dependencies)
-    hook.uninstall()
-    for backend in oracle.Fp8MoeBackend:  # the oracle imports backends lazily: do it now
-        try:
-            oracle.backend_to_kernel_cls(backend)
-        except ValueError:
-            pass
-
-    class H100(Platform):
-        _enum = PlatformEnum.CUDA
-        device_name = "cuda"
-        device_type = "cuda"
-        dispatch_key = "CUDA"
-        ray_device_key = "GPU"
-
-        @classmethod
-        def get_device_capability(cls, device_id: int = 0):
-            return DeviceCapability(9, 0)
-
-        @classmethod
-        def get_device_name(cls, device_id: int = 0) -> str:
-            return "NVIDIA H100 80GB HBM3"
-
-        @classmethod
-        def supports_fp8(cls) -> bool:
-            return True
-
-        @classmethod
-        def is_fp8_fnuz(cls) -> bool:
-            return False
-
-        @classmethod
-        def fp8_dtype(cls) -> torch.dtype:
-            return torch.float8_e4m3fn
+    support.load_oracle_backends()
+    H100 = support.h100_platform()
 
     monkeypatch.setattr(ops, "cutlass_group_gemm_supported", lambda cap: 90 <= cap < 110)
     state = {"flashinfer": True}
