@@ -126,20 +126,20 @@ def test_explicit_moe_backend_expert_parallel_and_other_methods_defer(plugin_on,
     fp8_module = "vllm.model_executor.layers.quantization.fp8"
     with support.cpu_vllm():
         config = build("fp8_static").experts.moe_config
-        assert hook.choose_experts(fp8_module, config, *static)[0] is not None
+        assert hook.unsupported_reason(fp8_module, config, *static) is None
 
         explicit = dataclasses.replace(config, moe_backend="triton")
-        cls, why = hook.choose_experts(fp8_module, explicit, *static)
-        assert cls is None and "--moe-backend triton" in why
+        why = hook.unsupported_reason(fp8_module, explicit, *static)
+        assert why is not None and "--moe-backend triton" in why
 
         ep = dataclasses.replace(config, moe_parallel_config=dataclasses.replace(
             config.moe_parallel_config, use_ep=True, ep_size=2))
-        cls, why = hook.choose_experts(fp8_module, ep, *static)
-        assert cls is None and "parallel config" in why
+        why = hook.unsupported_reason(fp8_module, ep, *static)
+        assert why is not None and "parallel config" in why
 
         fp16 = dataclasses.replace(config, in_dtype=torch.float16)
-        cls, why = hook.choose_experts(fp8_module, fp16, *static)
-        assert cls is None and "bfloat16" in why
+        why = hook.unsupported_reason(fp8_module, fp16, *static)
+        assert why is not None and "bfloat16" in why
 
         # ModelOpt's and Quark's bindings are wrapped but always answer with vLLM's function
         modelopt = sys.modules["vllm.model_executor.layers.quantization.modelopt"]

@@ -127,18 +127,6 @@ def delegate_for(vllm_choice: Any) -> tuple[type | None, str]:
         "layer)")
 
 
-def choose_experts(module: str, config: Any, weight_key: Any, activation_key: Any,
-                   vllm_choice: Any = None) -> tuple[type | None, str | None]:
-    """``(AotExperts class, None)`` if we take this layer, else ``(None, why not)``.
-    ``vllm_choice``: see :func:`delegate_for`."""
-    reason = unsupported_reason(module, config, weight_key, activation_key)
-    if reason is not None:
-        return None, reason
-    experts_cls, note = delegate_for(vllm_choice)
-    return (experts_cls, None) if experts_cls is not None else (
-        None, f"{BINDINGS[module]} layer: {note}")
-
-
 def _scheme_name(weight_key: Any, activation_key: Any) -> str:
     from vllm_moe_aot.integration.experts import SCHEME_BY_KEYS
 
