@@ -79,6 +79,9 @@ class FakeBackend:
         self.default_us = default_us or {"v_gemv": 10.0, "v_grouped": 20.0, "stock": 15.0}
         self.calls: list[tuple[str, int, str]] = []
 
+    def stock_name_of(self, key):
+        return self.stock_name
+
     def candidates(self, key):
         c = [Candidate(n, "aot", True) for n in self.names]
         if self.has_stock:
@@ -312,3 +315,29 @@ def test_cli_without_gpu(tmp_path, capsys):
     rc = main(["tune", "-i", str(tmp_path / "m.untuned.csv"), "-o",
                str(tmp_path / "m.tuned.csv")])
     assert rc == 2 and "needs a CUDA or ROCm GPU" in capsys.readouterr().err
+
+
+def test_layer_backend_asks_stock_for_once_per_scheme():
+    """``stock_for``: the stock peer of each row's scheme (what vLLM would run), asked once
+    per scheme and named in the row."""
+    asked = []
+
+    def stock_for(scheme):
+        asked.append(scheme)
+        stock = FakeStock()
+        stock.name = f"stock_{scheme.family}"
+        return stock
+
+    backend = LayerBackend("cpu", DEV, moe_factory=factory(), stock_for=stock_for,
+                           timer=lambda fns, **kw: {"stock": 5.0}.get(kw.get("name"), 9.0),
+                           gate_rows=8, max_sets=1)
+    keys = [RowKey.of(SHAPE, Scheme.FP8_PTPC, 3), RowKey.of(SHAPE, Scheme.FP8_PTPC, 5),
+            RowKey.of(SHAPE, Scheme.FP8_PER_TENSOR_STATIC, 3)]
+    backend.plan(keys)
+    rows = [tuner.tune_key(k, backend).row for k in keys]
+    assert [r.stock_provider for r in rows] == ["stock_fp8_ptpc", "stock_fp8_ptpc",
+                                                "stock_fp8_per_tensor"]
+    assert all(r.backend == "stock" and r.stock_us == 5.0 for r in rows)
+    assert asked == [Scheme.FP8_PTPC, Scheme.FP8_PER_TENSOR_STATIC]
+    with pytest.raises(ValueError, match="stock or stock_for"):
+        LayerBackend("cpu", DEV, stock=FakeStock(), stock_for=stock_for)

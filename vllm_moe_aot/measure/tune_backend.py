@@ -107,19 +107,22 @@ class LayerBackend:
     time with ``timer`` (CUDA graphs by default)."""
 
     def __init__(self, device: torch.device | str, info: DeviceInfo, *,
-                 moe_factory: Callable | None = None, stock=None, timer: Timer | None = None,
-                 gate_rows: int = 256, seed: int = 20261125, max_sets: int = 16,
-                 fp8_dtype: torch.dtype | None = None):
+                 moe_factory: Callable | None = None, stock=None,
+                 stock_for: Callable[[Scheme], object] | None = None,
+                 timer: Timer | None = None, gate_rows: int = 256, seed: int = 20261125,
+                 max_sets: int = 16, fp8_dtype: torch.dtype | None = None):
         self.dev = torch.device(device)
         self.device = info
         self.moe_factory = moe_factory or _default_moe_factory
-        #: ``stock`` is one provider for every row, or a function of the row's scheme
-        #: (:func:`~vllm_moe_aot.measure.peers.lineup.vllm_would_run` per scheme)
-        self._stock_for = stock if callable(stock) and not hasattr(stock, "name") else None
-        self.stock = None if self._stock_for else stock
+        #: one stock provider for every row, or ``stock_for(scheme)``: the stock peer for the
+        #: row's scheme (what vLLM would run for it), asked once per scheme
+        if stock is not None and stock_for is not None:
+            raise ValueError("pass stock or stock_for, not both")
+        self.stock = stock
+        self._stock_for = stock_for
         self._stocks: dict[str, object] = {}
-        self.stock_name = (getattr(stock, "name", None) if self.stock is not None
-                           else "per scheme" if self._stock_for else None)
+        self.stock_name = (getattr(stock, "name", None) if stock is not None
+                           else "per scheme" if stock_for is not None else None)
         self.timer = timer or graph_timer
         self.gate_rows = gate_rows
         self.seed = seed

@@ -232,8 +232,9 @@ def run(args: argparse.Namespace, backend: TuneBackend | None = None) -> int:
             print(f"error: {exc}" + (f"; {no_gpu_note}" if no_gpu_note else ""),
                   file=sys.stderr)
             return 2
-        stock = None if args.stock == "none" else _stock_for(args, dev)
-        backend = LayerBackend(dev, device_info(dev), stock=stock, gate_rows=args.gate_rows)
+        stock_for = None if args.stock == "none" else _stock_for(args, dev)
+        backend = LayerBackend(dev, device_info(dev), stock_for=stock_for,
+                               gate_rows=args.gate_rows)
     dev_info = backend.device
     print(f"tuning {len(keys)} row(s) of {inp} on {dev_info.name} ({dev_info.arch}, "
           f"{dev_info.cu_num} CUs); stock: {backend.stock_name or 'none'}; output {out}")

@@ -77,11 +77,6 @@ def select_winner(results: Iterable[CandidateResult],
     return stock
 
 
-def _stock_name(backend, key) -> str | None:
-    of = getattr(backend, "stock_name_of", None)
-    return of(key) if of is not None else backend.stock_name
-
-
 @dataclass
 class RowOutcome:
     key: RowKey
@@ -233,7 +228,7 @@ def tune_key(key: RowKey, backend: TuneBackend, *, variants: Sequence[str] | Non
     outcome.row = TunedRow(
         key=key, gpu=dev.name, arch=dev.arch, cu_num=dev.cu_num, backend=win.backend,
         variant="" if win.backend == "stock" else win.name, us=win.us, stock_us=stock_us,
-        stock_provider=(_stock_name(backend, key) or "") if stock_us is not None else "",
+        stock_provider=(backend.stock_name_of(key) or "") if stock_us is not None else "",
         speedup=(stock_us / win.us) if stock_us is not None else None,
         tflops=flops / (win.us * 1e-6) / 1e12, gbps=nbytes / (win.us * 1e-6) / 1e9,
         err=win.err, version=tool_version(), tuned_at=_now())
