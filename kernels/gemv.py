@@ -5,7 +5,8 @@ gate and up rows of w13 in registers (W8A16: activations are never quantised), a
 SiLU-and-mul and writes the fp32 intermediate ``[M*topk, N]``; stage 2: one program per (token,
 slice of K output columns) loops over the token's top-k experts, applies w2's scale and the
 routing weight in registers and writes bf16 ``[M, K]`` once (no atomics, no partials,
-deterministic).
+deterministic). Pairs whose expert id is below zero (another rank's, under expert parallelism)
+cost no weight reads: stage 1 skips them and stage 2 masks them out.
 
 All element offsets that can pass 2**31 are computed in int64.
 """
@@ -34,6 +35,8 @@ def moe_gemv_stage1(
     pid_n = tl.program_id(1)
     tok = (pair // topk).to(tl.int64)
     e = tl.load(topk_ids_ptr + pair).to(tl.int64)
+    if e < 0:
+        return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -66,13 +69,15 @@ def moe_gemv_stage1(
 @triton.jit
 def _gemv2_slots(topk_ids_ptr, topk_weights_ptr, K, topk, BLOCK_K: tl.constexpr,
                  TOPK_PAD: tl.constexpr):
-    """The gemv stage-2 program's token, its top-k slots (padded to TOPK_PAD), their experts
-    and routing weights, and its BLOCK_K output columns."""
+    """The gemv stage-2 program's token, its local top-k slots (padded to TOPK_PAD; a slot of
+    another rank is masked like a padding slot), their experts and routing weights, and its
+    BLOCK_K output columns."""
     tok = tl.program_id(0).to(tl.int64)
     offs_j = tl.arange(0, TOPK_PAD)
-    mask_j = offs_j < topk
     pairs = tok * topk + offs_j
-    e = tl.load(topk_ids_ptr + pairs, mask=mask_j, other=0).to(tl.int64)
+    e = tl.load(topk_ids_ptr + pairs, mask=offs_j < topk, other=-1).to(tl.int64)
+    mask_j = e >= 0
+    e = tl.where(mask_j, e, 0)
     rw = tl.load(topk_weights_ptr + pairs, mask=mask_j, other=0.0)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     return tok, mask_j, pairs, e, rw, offs_k, offs_k < K

@@ -25,9 +25,14 @@ def moe_grouped_stage1(
     PER_CHANNEL: tl.constexpr, STATIC: tl.constexpr, PROMOTE: tl.constexpr,
     FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr, USE_GDC: tl.constexpr,
 ):
-    """act_q[row] = q2(silu(x W_gate^T) * (x W_up^T)) for one BLOCK_M block of sorted rows.
+    """act_q[row] = q2(silu(x W_gate^T) * (x W_up^T)) for one BLOCK_M block of sorted rows and
+    one BLOCK_N tile of N.
 
-    Dynamic schemes need the whole row of N in this tile (BLOCK_N >= N) for the per-row scale.
+    Dynamic schemes re-quantise per (row, N tile): the scale of row r's tile t is stored at
+    ``act_scale[r * cdiv(N, BLOCK_N) + t]``. With N <= BLOCK_N that is one scale per row (what
+    every stage 2 reads); wider layers need a stage 2 that applies the scale per tile
+    (TILE_SCALES in :func:`moe_grouped_stage2_loop`). Finer scales lose nothing against the
+    per-row scale of the reference: each tile's values use the full fp8 range.
     PROMOTE adds each BLOCK_K chunk's MMA result into an fp32 accumulator: Hopper's fp8 MMA
     accumulates in reduced precision, and chaining it over K=4096 costs ~4x the error (still
     inside the gate, like vLLM's stock kernel) for ~15% more speed at large M.
@@ -89,7 +94,8 @@ def moe_grouped_stage1(
         amax = tl.max(tl.where(keep, tl.abs(act), 0.0), axis=1)
         nan = tl.max(tl.where(keep & (act != act), 1, 0), axis=1) > 0
         s2 = _row_scale(amax, nan, FP8_MAX)
-        tl.store(act_scale_ptr + offs_m, s2, mask=valid)
+        tl.store(act_scale_ptr + offs_m.to(tl.int64) * tl.cdiv(N, BLOCK_N) + pid_n, s2,
+                 mask=valid)
         q = _to_fp8(act / s2[:, None], actq_ptr.dtype.element_ty, FP8_MAX, EXACT_CAST)
     dst = actq_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     tl.store(dst, q, mask=valid[:, None] & mask_n[None, :])
@@ -153,10 +159,12 @@ def moe_grouped_stage2(
 @triton.jit
 def _stage2_rows(b, sorted_ids_ptr, block_expert_ptr, topk_weights_ptr, act_scale_ptr,
                  a2_static_ptr, w2_scale_ptr, num_pairs, BLOCK_M: tl.constexpr,
-                 ALIGN_M: tl.constexpr, PER_CHANNEL: tl.constexpr, STATIC: tl.constexpr):
+                 ALIGN_M: tl.constexpr, PER_CHANNEL: tl.constexpr, STATIC: tl.constexpr,
+                 TILE_SCALES: tl.constexpr = False):
     """Row block ``b`` of the looped stage-2 kernels: its expert, rows, which rows hold a
     pair, the per-row factor (routing weight x activation scale, x the weight scale when it
-    is per tensor) and the pair index to write each row's partial to."""
+    is per tensor; without the activation scale under TILE_SCALES, where it is per N tile)
+    and the pair index to write each row's partial to."""
     e = tl.load(block_expert_ptr + (b * BLOCK_M) // ALIGN_M).to(tl.int64)
     offs_m = b * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ids_ptr + offs_m)
@@ -164,6 +172,8 @@ def _stage2_rows(b, sorted_ids_ptr, block_expert_ptr, topk_weights_ptr, act_scal
     if STATIC:
         row_mult = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0) * \
             tl.load(a2_static_ptr)
+    elif TILE_SCALES:
+        row_mult = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0)
     else:
         row_mult = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0) * \
             tl.load(act_scale_ptr + offs_m, mask=valid, other=0.0)
@@ -203,6 +213,7 @@ def moe_grouped_stage2_loop(
     K_SPLIT: tl.constexpr, ALIGN_M: tl.constexpr, PER_CHANNEL: tl.constexpr,
     STATIC: tl.constexpr, NUM_STAGES: tl.constexpr, FP8_MAX: tl.constexpr,
     EXACT_CAST: tl.constexpr, USE_GDC: tl.constexpr,
+    TILE_SCALES: tl.constexpr = False, SCALE_N: tl.constexpr = 128,
 ):
     """Stage 2 as a loop: one program per (block of sorted rows, 1/K_SPLIT of the K output
     columns) walks all its K tiles, so the row block's bookkeeping (pairs, scales, routing
@@ -212,6 +223,10 @@ def moe_grouped_stage2_loop(
 
     ALIGN_M is the block size rows were sorted and padded to (stage 1's BLOCK_M, a multiple of
     BLOCK_M): a stage 1 with tall tiles can feed a stage 2 with short ones.
+
+    TILE_SCALES (dynamic schemes, any N): the intermediate carries one scale per (row, SCALE_N
+    columns), stage 1's BLOCK_N tiles; each chunk's MMA result is scaled by its rows' scales
+    before it is added (BLOCK_N divides SCALE_N, so a chunk never straddles two tiles).
     """
     _chain(USE_GDC)
     b = tl.program_id(0)
@@ -220,8 +235,10 @@ def moe_grouped_stage2_loop(
         return
     e, offs_m, valid, row_mult, safe = _stage2_rows(
         b, sorted_ids_ptr, block_expert_ptr, topk_weights_ptr, act_scale_ptr, a2_static_ptr,
-        w2_scale_ptr, num_pairs, BLOCK_M, ALIGN_M, PER_CHANNEL, STATIC)
+        w2_scale_ptr, num_pairs, BLOCK_M, ALIGN_M, PER_CHANNEL, STATIC, TILE_SCALES)
     n_chunks = tl.cdiv(N, BLOCK_N)
+    if TILE_SCALES:
+        scale_rows = act_scale_ptr + offs_m.to(tl.int64) * tl.cdiv(N, SCALE_N)
     kt0, kt1 = _k_tiles(pid_k, K, BLOCK_K, K_SPLIT)
     steps = (kt1 - kt0) * n_chunks
     offs_r = tl.arange(0, BLOCK_K)
@@ -241,7 +258,11 @@ def moe_grouped_stage2_loop(
         if EXACT_CAST:
             a = _fp8_operand(a, FP8_MAX, EXACT_CAST)
             w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc)
+        if TILE_SCALES:
+            s = tl.load(scale_rows + (nc * BLOCK_N) // SCALE_N, mask=valid, other=0.0)
+            acc += tl.dot(a, w) * s[:, None]
+        else:
+            acc = tl.dot(a, w, acc)
         if nc == n_chunks - 1:
             _store_partials(acc, row_mult, w2_scale_ptr, e, offs_k, valid, safe, partial_ptr, K,
                             PER_CHANNEL)

@@ -4,6 +4,10 @@ prep: per-token input quantisation (dynamic per-token or static scale) fused wit
 per-expert histogram; align: padded per-expert offsets and the block -> expert map (one program
 per expert); scatter: pairs sorted by expert (its program 0 also re-zeroes the histogram for the
 next call, so no memset launch is needed).
+
+Expert ids below zero are pairs routed to another rank (expert parallelism: the pipeline maps
+global ids through vLLM's ``expert_map`` first): prep does not count them and scatter does not
+sort them, so no later kernel sees them.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ def moe_prep(
     _chain(USE_GDC)
     m = tl.program_id(0).to(tl.int64)
     offs_t = tl.arange(0, TOPK_PAD)
-    ids = tl.load(topk_ids_ptr + m * topk + offs_t, mask=offs_t < topk, other=0)
-    tl.atomic_add(counts_ptr + ids, 1, mask=offs_t < topk, sem="relaxed")
+    ids = tl.load(topk_ids_ptr + m * topk + offs_t, mask=offs_t < topk, other=-1)
+    tl.atomic_add(counts_ptr + ids, 1, mask=ids >= 0, sem="relaxed")
     offs_k = tl.arange(0, BLOCK_K)
     row = x_ptr + m * K
     if STATIC:
@@ -90,7 +94,8 @@ def moe_scatter(
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < num_pairs
-    e = tl.load(topk_ids_ptr + offs, mask=mask, other=0)
+    e = tl.load(topk_ids_ptr + offs, mask=mask, other=-1)
+    mask = e >= 0
     pos = tl.atomic_add(cursor_ptr + e, 1, mask=mask, sem="relaxed")
     tl.store(sorted_ids_ptr + pos, offs, mask=mask)
     if pid == 0:

@@ -170,6 +170,9 @@ class GroupedStage2Tile:
     k_split: int = 0
     bm: int | None = None
     resident: bool = False  # moe_grouped_stage2_resident: needs N <= bn
+    #: the looped kernel with one activation scale per (row, stage-1 N tile): dynamic schemes
+    #: at any N (stage 1's BLOCK_N need not cover N)
+    tile_scales: bool = False
 
     def block_m(self, align_m: int) -> int:
         return self.bm or align_m
@@ -179,14 +182,16 @@ class GroupedStage2Tile:
             return "moe_grouped_stage2"
         return f"moe_grouped_stage2_{'resident' if self.resident else 'loop'}"
 
-    def kernel(self, scheme: str, align_m: int) -> str:
+    def kernel(self, scheme: str, align_m: int, scale_n: int = 0) -> str:
+        """``scale_n``: stage 1's BLOCK_N, the width of one activation scale (tile_scales)."""
         bm = self.block_m(align_m)
         dims = f"{_SHORT[scheme]}_m{bm}_k{self.bk}_n{self.bn}"
         if not self.k_split:
             return f"grp_s2_{dims}{'_atomic' if self.atomic else ''}"
         kind = "res" if self.resident else "loop"
         return (f"grp_s2{kind}_{dims}_split{self.k_split}"
-                + (f"_align{align_m}" if align_m != bm else ""))
+                + (f"_align{align_m}" if align_m != bm else "")
+                + (f"_ts{scale_n}" if self.tile_scales else ""))
 
 
 S1_TILES = (
@@ -216,6 +221,14 @@ S2_TILES = {
     # 2 stages: 2 CTAs/SM
     (64, "res4n256"): GroupedStage2Tile(128, 256, 4, 2, k_split=4, resident=True),
     (128, "res4m64n128"): GroupedStage2Tile(128, 128, 4, 3, k_split=4, bm=64, resident=True),
+    # dynamic schemes at any N: the intermediate's scales per (row, stage-1 tile); the tiles
+    # of loop4, loop4n128 and loop4m64 (issue 13; measured in docs/perf-notes.md)
+    (16, "wloop4"): GroupedStage2Tile(128, 64, 4, 3, k_split=4, tile_scales=True),
+    (64, "wloop4"): GroupedStage2Tile(128, 64, 4, 3, k_split=4, tile_scales=True),
+    (64, "wloop4n128"): GroupedStage2Tile(128, 128, 4, 3, k_split=4, tile_scales=True),
+    (128, "wloop4m64"): GroupedStage2Tile(128, 64, 4, 3, k_split=4, bm=64, tile_scales=True),
+    (128, "wloop4m64n128"): GroupedStage2Tile(128, 128, 4, 3, k_split=4, bm=64,
+                                              tile_scales=True),
 }
 
 
@@ -237,12 +250,14 @@ class Mode:
 MODES = (Mode("std", False), Mode("atomic", False), Mode("std", True), Mode("k256", True),
          Mode("n64", True), Mode("loop4", True), Mode("loop4", False), Mode("loop4n128", True),
          Mode("loop4m64", True), Mode("res4n128", True), Mode("res4n256", True),
-         Mode("res4m64n128", True))
+         Mode("res4m64n128", True), Mode("wloop4", False), Mode("wloop4", True),
+         Mode("wloop4n128", True), Mode("wloop4m64", True), Mode("wloop4m64n128", True))
 #: stage-1 tiles also built without per-chunk promotion -> the fastacc modes built for the tile
 #: (None: all). m64n256 covers Hy3's N=192 with one gate/up tile (A read once per row block
 #: instead of 3x with m64n64)
 FASTACC_TILES: dict[str, set[str] | None] = {
-    "m64": None, "m64n64": None, "m128": None, "m64n256": {"loop4", "res4n256"}}
+    "m64": None, "m64n64": None, "m128": None,
+    "m64n256": {"loop4", "res4n256", "wloop4", "wloop4n128"}}
 
 
 def _prep_name(static: bool, zero_acc: bool) -> str:
@@ -294,37 +309,45 @@ def routing_specs() -> list[KernelSpec]:
 def reduce_specs() -> list[KernelSpec]:
     return [KernelSpec(
         name=_reduce_name(atomic), source="kernels.reduce:moe_topk_reduce", family="reduce",
-        signature={"partial_ptr": "*bf16", "acc_ptr": "*fp32", "out_ptr": "*bf16",
-                   "K": "i32", "topk": "i32"},
+        signature={"partial_ptr": "*bf16", "acc_ptr": "*fp32", "topk_ids_ptr": "*i32",
+                   "out_ptr": "*bf16", "K": "i32", "topk": "i32"},
         constexprs={"BLOCK_K": 1024, "ATOMIC": atomic, "USE_GDC": ON_CUDA},
         divisible_by_16=("partial_ptr", "acc_ptr", "out_ptr", "K"),
         num_warps=4, num_stages=1) for atomic in (False, True)]
 
 
+def grouped_stage2_spec(t: GroupedStage2Tile, bm1: int, scheme: str,
+                        scale_n: int = 0) -> KernelSpec:
+    """Stage 2 ``t`` after a stage 1 of BLOCK_M ``bm1`` (and BLOCK_N ``scale_n``, the width
+    of one activation scale, for a ``tile_scales`` tile)."""
+    pc, static = SCHEME_FLAGS[scheme]
+    consts = {"BLOCK_M": t.block_m(bm1), "BLOCK_K": t.bk, "BLOCK_N": t.bn, "PER_CHANNEL": pc,
+              "STATIC": static, "ATOMIC": t.atomic, "FP8_MAX": FP8_MAX,
+              "EXACT_CAST": False, "USE_GDC": ON_CUDA}
+    if t.k_split:
+        del consts["ATOMIC"]
+        consts.update(K_SPLIT=t.k_split, ALIGN_M=bm1, NUM_STAGES=t.stages)
+        if not t.resident:
+            consts.update(TILE_SCALES=t.tile_scales, SCALE_N=scale_n or t.bn)
+    return KernelSpec(
+        name=t.kernel(scheme, bm1, scale_n), source=f"kernels.grouped:{t.function()}",
+        family="grouped_stage2",
+        signature={"actq_ptr": FP8_PTR, "act_scale_ptr": "*fp32",
+                   "a2_static_ptr": "*fp32", "w2_ptr": FP8_PTR,
+                   "w2_scale_ptr": "*fp32", "topk_weights_ptr": "*fp32",
+                   "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32",
+                   "total_ptr": "*i32", "partial_ptr": "*bf16", "acc_ptr": "*fp32",
+                   "N": "i32", "K": "i32", "topk": "i32", "num_pairs": "i32"},
+        constexprs=consts,
+        divisible_by_16=("actq_ptr", "w2_ptr", "partial_ptr", "acc_ptr", *_ALIGN16),
+        num_warps=t.warps, num_stages=t.stages)
+
+
 def grouped_stage2_specs() -> list[KernelSpec]:
-    specs = []
-    for (bm1, _kind), t in S2_TILES.items():
-        bm = t.block_m(bm1)
-        for scheme, (pc, static) in SCHEME_FLAGS.items():
-            consts = {"BLOCK_M": bm, "BLOCK_K": t.bk, "BLOCK_N": t.bn, "PER_CHANNEL": pc,
-                      "STATIC": static, "ATOMIC": t.atomic, "FP8_MAX": FP8_MAX,
-                      "EXACT_CAST": False, "USE_GDC": ON_CUDA}
-            if t.k_split:
-                del consts["ATOMIC"]
-                consts.update(K_SPLIT=t.k_split, ALIGN_M=bm1, NUM_STAGES=t.stages)
-            specs.append(KernelSpec(
-                name=t.kernel(scheme, bm1), source=f"kernels.grouped:{t.function()}",
-                family="grouped_stage2",
-                signature={"actq_ptr": FP8_PTR, "act_scale_ptr": "*fp32",
-                           "a2_static_ptr": "*fp32", "w2_ptr": FP8_PTR,
-                           "w2_scale_ptr": "*fp32", "topk_weights_ptr": "*fp32",
-                           "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32",
-                           "total_ptr": "*i32", "partial_ptr": "*bf16", "acc_ptr": "*fp32",
-                           "N": "i32", "K": "i32", "topk": "i32", "num_pairs": "i32"},
-                constexprs=consts,
-                divisible_by_16=("actq_ptr", "w2_ptr", "partial_ptr", "acc_ptr", *_ALIGN16),
-                num_warps=t.warps, num_stages=t.stages))
-    return specs
+    """Every stage-2 tile whose scales are per row, for every scheme (the tile_scales ones
+    are made per stage-1 tile in :func:`grouped_space`)."""
+    return [grouped_stage2_spec(t, bm1, scheme) for (bm1, _kind), t in S2_TILES.items()
+            if not t.tile_scales for scheme in SCHEME_FLAGS]
 
 
 def grouped_stage1_spec(t: GroupedStage1Tile, scheme: str, promote: bool) -> KernelSpec:
@@ -357,9 +380,11 @@ def _built(t: GroupedStage1Tile, mode: Mode) -> bool:
 
 
 def grouped_space() -> tuple[list[KernelSpec], list[Variant]]:
-    """Stage-1 specs (those some variant uses) and the grouped variants."""
+    """Stage-1 specs and per-tile-scale stage-2 specs (those some variant uses) and the
+    grouped variants."""
     variants = []
     s1_specs: dict[str, KernelSpec] = {}
+    s2_specs: dict[str, KernelSpec] = {}
     for t in S1_TILES:
         for mode in MODES:
             if not _built(t, mode):
@@ -368,29 +393,42 @@ def grouped_space() -> tuple[list[KernelSpec], list[Variant]]:
             promote = not mode.fastacc
             kernels: dict[str, dict[Role, str]] = {}
             max_n: dict[str, int] = {}
+            act_group: dict[str, int] = {}
             for scheme, (_pc, static) in SCHEME_FLAGS.items():
                 if not static and t.bn < 128:
-                    continue  # dynamic re-quantisation wants whole rows: narrow tiles: pointless
+                    continue  # narrow tiles re-quantise at 64 columns: pointless
+                if s2.tile_scales and (static or t.bn % s2.bn):
+                    continue  # static scales are per tensor; a chunk may not straddle tiles
                 spec = s1_specs.setdefault(t.kernel(scheme, promote),
                                            grouped_stage1_spec(t, scheme, promote))
+                if s2.tile_scales:
+                    act_group[scheme] = t.bn
+                    s2_name = s2_specs.setdefault(
+                        s2.kernel(scheme, t.bm, t.bn),
+                        grouped_stage2_spec(s2, t.bm, scheme, t.bn)).name
+                else:
+                    s2_name = s2.kernel(scheme, t.bm)
                 kernels[scheme] = {
                     Role.PREP: _prep_name(static, s2.atomic), Role.ALIGN: _align_name(t.bm),
                     Role.SCATTER: SCATTER, Role.STAGE1: spec.name,
-                    Role.STAGE2: s2.kernel(scheme, t.bm), Role.REDUCE: _reduce_name(s2.atomic)}
-                if not static:
-                    max_n[scheme] = t.bn
+                    Role.STAGE2: s2_name, Role.REDUCE: _reduce_name(s2.atomic)}
+                if not static and not s2.tile_scales:
+                    max_n[scheme] = t.bn  # one scale per row: the whole row in one tile
                 if s2.resident:
                     max_n[scheme] = min(max_n.get(scheme, 1 << 30), s2.bn)
+            if not kernels:
+                continue
             variants.append(Variant(
                 name=f"grouped_{t.tag}{mode.suffix}", regime=Regime.GROUPED, kernels=kernels,
                 quantize_activations=True, max_n=max_n, max_topk=TOPK_PAD,
-                tolerance=DEFAULT_TOLERANCE if promote else GATE_TOLERANCE, block_m=t.bm))
-    return list(s1_specs.values()), variants
+                tolerance=DEFAULT_TOLERANCE if promote else GATE_TOLERANCE, block_m=t.bm,
+                act_group=act_group))
+    return list(s1_specs.values()) + list(s2_specs.values()), variants
 
 
 def tune_space() -> tuple[list[KernelSpec], list[Variant]]:
-    s1_specs, g_vars = grouped_space()
-    specs = gemv_specs() + routing_specs() + reduce_specs() + grouped_stage2_specs() + s1_specs
+    g_specs, g_vars = grouped_space()
+    specs = gemv_specs() + routing_specs() + reduce_specs() + grouped_stage2_specs() + g_specs
     return specs, gemv_variants() + g_vars
 
 

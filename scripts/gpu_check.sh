@@ -39,6 +39,16 @@ status+=("gpu tests: rc=${PIPESTATUS[0]}")
 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 99 --print-limit 20 \
   python3 scripts/sanitize_pipeline.py 2>&1 | tee "$OUT/sanitizer.log"
 status+=("memcheck: rc=${PIPESTATUS[0]}")
+# EP8 layers (issue 13): one grouped and one gemv variant each, memcheck then racecheck
+# (shared-memory hazards; slow, so one small batch)
+compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 99 --print-limit 20 \
+  python3 scripts/sanitize_pipeline.py --layers ep8 --tokens 37 512 2>&1 \
+  | tee "$OUT/sanitizer_ep8_memcheck.log"
+status+=("memcheck ep8: rc=${PIPESTATUS[0]}")
+compute-sanitizer --tool racecheck --report-api-errors no --error-exitcode 99 --print-limit 20 \
+  python3 scripts/sanitize_pipeline.py --layers ep8 --tokens 37 2>&1 \
+  | tee "$OUT/sanitizer_ep8_racecheck.log"
+status+=("racecheck ep8: rc=${PIPESTATUS[0]}")
 
 if [ -f scripts/launch_overhead.py ]; then
   python3 scripts/launch_overhead.py 2>&1 | tee "$OUT/launch_overhead.log"
@@ -47,6 +57,6 @@ fi
 
 echo "== summary =="
 grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -1
-grep -E "ERROR SUMMARY" "$OUT/sanitizer.log" | tail -1
+grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT"/sanitizer*.log | tail -3
 printf '%s\n' "${status[@]}" | tee "$OUT/summary.txt"
 for s in "${status[@]}"; do [[ "$s" == *"rc=0" ]] || exit 1; done

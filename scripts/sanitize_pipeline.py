@@ -1,8 +1,11 @@
-"""Run the AOT pipeline at M = 1, 37, 4096 for both presets, once per regime, with poisoned
-outputs; meant to run under `compute-sanitizer --tool memcheck` (scripts/gpu_check.sh)."""
+"""Run the AOT pipeline with poisoned outputs, meant to run under compute-sanitizer
+(scripts/gpu_check.sh): memcheck over both presets at M = 1, 37, 4096 (once per regime), and
+(``--layers ep8``) one grouped and one gemv variant of each EP8 layer (rank 0 of 8, vLLM's
+expert map) at ``--tokens``, for memcheck and racecheck."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -11,11 +14,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from tests._problems import make_tokens, make_weights, run  # noqa: E402
+from vllm_moe_aot.dispatch.configs import preset_shape  # noqa: E402
 from vllm_moe_aot.pipeline import FusedMoE  # noqa: E402
-from vllm_moe_aot.shapes import PRESETS  # noqa: E402
+from vllm_moe_aot.shapes import PRESETS, MoEShape  # noqa: E402
 
 
-def main() -> int:
+def _poisoned_run(label: str, moe: FusedMoE, v: str, p: dict) -> int:
+    out = run(moe, v, p)
+    torch.cuda.synchronize()
+    nan = int(torch.isnan(out).sum())
+    print(f"sanitize {label} M={p['x'].shape[0]} {v}: {'ok' if nan == 0 else f'{nan} NaN'}",
+          flush=True)
+    return int(nan > 0)
+
+
+def presets() -> int:
     bad = 0
     for name, preset in PRESETS.items():
         g = torch.Generator(device="cuda").manual_seed(7)
@@ -27,12 +40,42 @@ def main() -> int:
             p = {**weights, **make_tokens(preset.shape, preset.scheme, M, g, device="cuda")}
             atomic = [v for v in grouped if v.endswith("_atomic")][:1]
             for v in ([gemv] if M <= 256 else []) + [grouped[0], *atomic, grouped[-1]]:
-                out = run(moe, v, p)
-                torch.cuda.synchronize()
-                nan = int(torch.isnan(out).sum())
-                bad += nan > 0
-                print(f"sanitize {name} M={M} {v}: {'ok' if nan == 0 else f'{nan} NaN'}",
-                      flush=True)
+                bad += _poisoned_run(name, moe, v, p)
+    return bad
+
+
+def ep8(tokens: list[int]) -> int:
+    """One grouped variant that re-quantises per N tile where the scheme needs it (else the
+    first grouped one) and one gemv variant, per EP8 layer."""
+    bad = 0
+    for name, preset in PRESETS.items():
+        shape = preset_shape(preset, tp=1, ep=8)
+        local = MoEShape(shape.E, shape.K, shape.N, shape.topk)
+        g = torch.Generator(device="cuda").manual_seed(11)
+        weights = make_weights(local, preset.scheme, g, device="cuda")
+        moe = FusedMoE(shape, preset.scheme, "cuda", max_tokens=max(tokens))
+        grouped = [v for v in moe.variants if moe.regime(v) == "grouped"]
+        wide = [v for v in grouped if moe.act_group(v)]
+        gemv = next(v for v in moe.variants if moe.regime(v) == "gemv")
+        G = shape.global_experts
+        emap = torch.full((G,), -1, dtype=torch.int32, device="cuda")
+        emap[:shape.E] = torch.arange(shape.E, dtype=torch.int32, device="cuda")
+        for M in tokens:
+            ids = torch.rand(M, G, generator=g, device="cuda").argsort(dim=1)[:, :shape.topk]
+            p = {**weights, **make_tokens(local, preset.scheme, M, g, device="cuda", ids=ids),
+                 "expert_map": emap}
+            for v in ((wide or grouped)[0], gemv):
+                bad += _poisoned_run(f"{name} ep8", moe, v, p)
+    return bad
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--layers", choices=["presets", "ep8"], default="presets")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[37],
+                    help="token counts for --layers ep8")
+    args = ap.parse_args(argv)
+    bad = presets() if args.layers == "presets" else ep8(args.tokens)
     return 1 if bad else 0
 
 

@@ -48,13 +48,16 @@ class FakeFusedMoE:
     def quantize_activations(self, variant: str) -> bool:
         return self._variants[variant][0]
 
+    def act_group(self, variant: str) -> int:
+        return 0  # one intermediate scale per row, as the reference's default
+
     def run(self, variant, x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, out,
-            a13_scale=None, a2_scale=None):
+            a13_scale=None, a2_scale=None, expert_map=None):
         qa, mult = self._variants[variant]
         self.calls.append((variant, x.shape[0]))
         ref = reference_moe(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids,
                             self.scheme, a13_scale=_cpu(a13_scale), a2_scale=_cpu(a2_scale),
-                            quantize_activations=qa)
+                            quantize_activations=qa, expert_map=expert_map)
         out.copy_((ref * mult).to(out.dtype))
         return out
 

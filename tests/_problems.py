@@ -55,7 +55,8 @@ def run(moe: FusedMoE, variant: str, p: dict, out: torch.Tensor | None = None) -
     if out is None:
         out = torch.empty(M, K, dtype=torch.bfloat16, device=p["x"].device)
     out.fill_(float("nan"))  # poison: unwritten elements fail the gate
-    return moe.run(variant, *[p[k] for k in ARGS], out, p["a13_scale"], p["a2_scale"])
+    return moe.run(variant, *[p[k] for k in ARGS], out, p["a13_scale"], p["a2_scale"],
+                   expert_map=p.get("expert_map"))
 
 
 def reference_for(moe: FusedMoE, variant: str, p: dict, rows: torch.Tensor | None = None):
@@ -65,7 +66,8 @@ def reference_for(moe: FusedMoE, variant: str, p: dict, rows: torch.Tensor | Non
     return reference_moe(sel(p["x"]), p["w13"], p["w2"], p["w13_scale"], p["w2_scale"],
                          sel(p["topk_weights"]), sel(p["topk_ids"]), moe.scheme,
                          p["a13_scale"], p["a2_scale"],
-                         quantize_activations=moe.quantize_activations(variant))
+                         quantize_activations=moe.quantize_activations(variant),
+                         expert_map=p.get("expert_map"), act_group=moe.act_group(variant))
 
 
 def check(moe: FusedMoE, variant: str, p: dict, out: torch.Tensor,

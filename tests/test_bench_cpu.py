@@ -94,7 +94,7 @@ def test_cpu_path_runs_a_small_shape_as_given(tmp_path, capsys):
     assert "the given shape E=4,K=128,N=32,topk=2 (within the interpreter's caps, not scaled " \
            "down)" in out
     layer = json.loads(js.read_text())["layer"]
-    assert layer["cpu_shape"] == layer["shape"] == {"E": 4, "K": 128, "N": 32, "topk": 2}
+    assert layer["cpu_shape"] == layer["shape"] == {"E": 4, "K": 128, "N": 32, "topk": 2, "ep": 1}
     assert layer["cpu_scaled_down"] == []
 
 
@@ -123,7 +123,7 @@ def test_cpu_path_with_fake_pipeline(tmp_path, capsys):
     assert "plot skipped" in out and not (tmp_path / "p.png").exists()
     data = json.loads(js.read_text())
     assert data["mode"] == "cpu-interpreter"
-    assert data["layer"]["cpu_shape"] == {"E": 8, "K": 256, "N": 64, "topk": 4}
+    assert data["layer"]["cpu_shape"] == {"E": 8, "K": 256, "N": 64, "topk": 4, "ep": 1}
     assert data["layer"]["cpu_scaled_down"] == ["E 192->8", "K 4096->256", "N 192->64",
                                                 "topk 8->4"]
     assert "scaled-down shape E=8,K=256,N=64,topk=4 (E 192->8, K 4096->256" in out

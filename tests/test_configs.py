@@ -38,7 +38,7 @@ def tuned_row(M: int, choice: str = "stock", shape: MoEShape = HY3.shape,
         version="0.1.0", tuned_at="2026-11-25T12:00:00Z")
 
 
-GOOD = ("1,4096,192,192,8,silu,fp8_per_tensor,H100,sm_90a,132,aot,gemv_a,10.0,25.0,"
+GOOD = ("1,4096,192,192,8,silu,fp8_per_tensor,1,H100,sm_90a,132,aot,gemv_a,10.0,25.0,"
         "vllm_stock,2.5,1.0,2000,1e-3,0.1.0,2026-11-25T00:00:00Z")
 
 
@@ -53,7 +53,9 @@ def _line(**changes) -> str:
 def test_shipped_untuned_files_are_reproducible(tmp_path):
     written = C.generate_untuned(tmp_path)
     names = sorted(p.name for p in written)
-    assert names == ["hy3_fp8_per_tensor_tp8.untuned.csv",
+    assert names == ["hy3_fp8_per_tensor_tp1_ep8.untuned.csv",
+                     "hy3_fp8_per_tensor_tp8.untuned.csv",
+                     "qwen3.5-397b-a17b_fp8_ptpc_tp1_ep8.untuned.csv",
                      "qwen3.5-397b-a17b_fp8_ptpc_tp8.untuned.csv"]
     for p in written:
         shipped = C.DEFAULT_CONFIG_DIR / p.name
@@ -191,7 +193,7 @@ def test_column_order_warned_but_read(tmp_path):
     p = tmp_path / "o.untuned.csv"
     cols = list(KEY_COLUMNS)
     cols[0], cols[1] = cols[1], cols[0]
-    p.write_text(",".join(cols) + "\n4096,2,192,192,8,silu,fp8_per_tensor\n")
+    p.write_text(",".join(cols) + "\n4096,2,192,192,8,silu,fp8_per_tensor,1\n")
     keys, issues = read_untuned(p)
     assert [k.tokens for k in keys] == [2]
     assert len(issues) == 1 and "canonical order" in issues[0].message
@@ -200,10 +202,10 @@ def test_column_order_warned_but_read(tmp_path):
 def test_untuned_duplicates_and_bad_values(tmp_path):
     p = tmp_path / "u.untuned.csv"
     p.write_text(",".join(KEY_COLUMNS) + "\n"
-                 "1,4096,192,192,8,silu,fp8_per_tensor\n"
-                 "1,4096,192,192,8,silu,fp8_per_tensor\n"
-                 "0,4096,192,192,8,silu,fp8_per_tensor\n"
-                 "2,4096,192,192,8,silu,fp8_ptpc\n")
+                 "1,4096,192,192,8,silu,fp8_per_tensor,1\n"
+                 "1,4096,192,192,8,silu,fp8_per_tensor,1\n"
+                 "0,4096,192,192,8,silu,fp8_per_tensor,1\n"
+                 "2,4096,192,192,8,silu,fp8_ptpc,1\n")
     keys, issues = read_untuned(p)
     assert [k.tokens for k in keys] == [1, 2]
     assert [(i.line, i.message.split(" ")[0]) for i in issues] == [(3, "duplicate"),

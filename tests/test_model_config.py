@@ -138,8 +138,8 @@ def test_per_rank_shape():
     qwen = ModelMoE("q", "qwen3_moe", experts=128, hidden=4096, intermediate=1536, topk=8)
     assert per_rank_shape(qwen, 8) == MoEShape(E=128, K=4096, N=192, topk=8)
     assert per_rank_shape(qwen, 4) == MoEShape(E=128, K=4096, N=384, topk=8)
-    assert per_rank_shape(qwen, 1, ep=8) == MoEShape(E=16, K=4096, N=1536, topk=8)
-    assert per_rank_shape(qwen, 8, ep=16) == MoEShape(E=8, K=4096, N=1536, topk=8)
+    assert per_rank_shape(qwen, 1, ep=8) == MoEShape(E=16, K=4096, N=1536, topk=8, ep=8)
+    assert per_rank_shape(qwen, 8, ep=16) == MoEShape(E=8, K=4096, N=1536, topk=8, ep=16)
     with pytest.raises(ValueError, match="not divisible by tp=7"):
         per_rank_shape(qwen, 7)
     with pytest.raises(ValueError, match="do not divide evenly over ep=3"):
@@ -200,26 +200,28 @@ def test_cli_model_scheme_from_checkpoint_env_dir_and_ep(tmp_path, monkeypatch, 
     assert main(["tune", "--model", str(path), "--tp", "8", "--ep", "8"]) == 2
     keys, _ = read_untuned(tmp_path / "mine"
                            / "qwen3.5-397b-a17b_fp8_per_tensor_tp8_ep8.untuned.csv")
-    assert {k.shape for k in keys} == {MoEShape(E=64, K=4096, N=1024, topk=10)}
+    assert {k.shape for k in keys} == {MoEShape(E=64, K=4096, N=1024, topk=10, ep=8)}
     assert {k.scheme for k in keys} == {"fp8_per_tensor"}
-    err = capsys.readouterr().err
-    assert "expert-parallel" in err
+    assert "tp=8, ep=8: E=64,K=4096,N=1024,topk=10,ep=8" in capsys.readouterr().out
     rc = main(["tune", "--model", str(path), "--tp", "8", "--scheme", "fp8_ptpc",
                "--config-dir", str(tmp_path / "other"), "--name", "q35"])
     assert rc == 2 and (tmp_path / "other" / "q35_fp8_ptpc_tp8.untuned.csv").is_file()
-    # the full intermediate size of Hy3 (1536) is past what the kernels take: EP is refused
+    # Hy3's full intermediate size (1536) under EP8: the untuned rows are written (no GPU)
     hy3 = write_config(tmp_path, CONFIGS["hy3"][0], "hy3")
     assert main(["tune", "--model", str(hy3), "--tp", "1", "--ep", "8"]) == 2
-    assert "intermediate size N=1536" in capsys.readouterr().err
+    keys, _ = read_untuned(tmp_path / "mine" / "hy3_fp8_per_tensor_tp1_ep8.untuned.csv")
+    assert {(k.shape.N, k.shape.ep) for k in keys} == {(1536, 8)}
 
 
 def test_cli_model_errors(tmp_path, monkeypatch, capsys):
     mixtral = write_config(tmp_path, CONFIGS["mixtral-8x7b-v0.1"][0])
-    # N = 14336 / 8 = 1792 is past MAX_N: refused before anything is written
-    assert _tune(["--model", str(mixtral), "--tp", "8"], monkeypatch, tmp_path) == 2
+    huge = write_config(tmp_path, dict(CONFIGS["mixtral-8x7b-v0.1"][0],
+                                       intermediate_size=65536), "huge")
+    # N = 65536 / 2 = 32768 is past MAX_N: refused before anything is written
+    assert _tune(["--model", str(huge), "--tp", "2"], monkeypatch, tmp_path) == 2
     err = capsys.readouterr().err
-    assert "cannot serve this layer: intermediate size N=1792" in err
-    assert "tp values that fit: 16, 32" in err
+    assert "cannot serve this layer: intermediate size N=32768" in err
+    assert "tp values that fit: 4, 8, 16, 32" in err
     assert not (tmp_path / "vllm-moe-aot-configs").exists()
     assert _tune(["--model", str(mixtral)], monkeypatch, tmp_path) == 2
     assert "--model needs --tp" in capsys.readouterr().err

@@ -205,7 +205,9 @@ class Variant:
     float64 reference it is held to in tests; variants that chain Hopper's reduced-precision
     fp8 MMA accumulator over all of K (like vLLM's stock kernel) declare the product gate.
     ``block_m`` is what it needs from the workspace: the row block its sorted expert rows are
-    padded to (0: it sorts nothing).
+    padded to (0: it sorts nothing). ``act_group`` (per scheme) is the width of one dynamic
+    scale of the re-quantised intermediate where it is not the whole row of N: the stage-1 N
+    tile of the variants that re-quantise per tile (the reference follows it).
     """
 
     name: str
@@ -217,6 +219,7 @@ class Variant:
     max_tokens: int = UNBOUNDED_TOKENS
     tolerance: float = DEFAULT_TOLERANCE
     block_m: int = 0
+    act_group: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "regime", Regime(self.regime))
@@ -224,6 +227,8 @@ class Variant:
             _value(s): {Role(r): str(k) for r, k in roles.items()}
             for s, roles in self.kernels.items()})
         object.__setattr__(self, "max_n", {_value(s): int(n) for s, n in self.max_n.items()})
+        object.__setattr__(self, "act_group",
+                           {_value(s): int(n) for s, n in self.act_group.items()})
         for scheme, roles in self.kernels.items():
             if set(roles) != set(self.regime.roles):
                 raise ManifestError(
@@ -251,6 +256,10 @@ class Variant:
             return f"{self.name} holds topk <= {self.max_topk} slots, the layer has {shape.topk}"
         return None
 
+    def act_group_for(self, scheme: Any) -> int:
+        """Columns per dynamic scale of the re-quantised intermediate (0: the whole row)."""
+        return self.act_group.get(_value(scheme), 0)
+
     def chain(self, scheme: Any) -> dict[Role, str]:
         """Role -> kernel name for ``scheme``, in launch order."""
         roles = self.kernels[_value(scheme)]
@@ -266,7 +275,8 @@ class Variant:
                             for s, roles in self.kernels.items()},
                 "quantize_activations": self.quantize_activations, "max_n": dict(self.max_n),
                 "max_topk": self.max_topk, "max_tokens": self.max_tokens,
-                "tolerance": self.tolerance, "block_m": self.block_m}
+                "tolerance": self.tolerance, "block_m": self.block_m,
+                "act_group": dict(self.act_group)}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str = "manifest") -> Variant:
@@ -275,7 +285,8 @@ class Variant:
                        quantize_activations=bool(d["quantize_activations"]),
                        max_n=d.get("max_n", {}), max_topk=int(d["max_topk"]),
                        max_tokens=int(d.get("max_tokens", UNBOUNDED_TOKENS)),
-                       tolerance=float(d["tolerance"]), block_m=int(d["block_m"]))
+                       tolerance=float(d["tolerance"]), block_m=int(d["block_m"]),
+                       act_group=d.get("act_group", {}))
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"{where}: malformed variant entry {d.get('name')!r}: "
                                 f"{type(e).__name__}: {e}; rebuild with `vllm-moe-aot build`"

@@ -15,6 +15,12 @@ Inputs (vLLM's layout): ``x`` bf16 ``[M, K]``; ``w13`` fp8 ``[E, 2N, K]`` (gate 
 ``a13_scale`` / ``a2_scale`` one-element fp32 tensors for the static scheme; ``topk_weights``
 fp32 ``[M, topk]``; ``topk_ids`` int32 ``[M, topk]`` with values in ``[0, E)``; ``out`` bf16
 ``[M, K]``. All contiguous.
+
+Expert parallelism (vLLM's convention): ``E`` is the rank's local experts, ``topk_ids`` hold
+global ids and ``expert_map`` (int32 ``[global experts]``) gives each global id's local slot, or
+-1 for an expert on another rank. The ids are mapped into the workspace first (one gather);
+pairs of other ranks then cost no work and contribute nothing, and a token with no local
+expert gets a zero row (the reduce-scatter across ranks adds the other ranks' shares).
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ from vllm_moe_aot.shapes import MoEShape, Scheme, unsupported_reason
 
 #: Token chunk the workspace is sized for when a caller asks for more.
 MAX_CHUNK_TOKENS = 16384
+#: Bytes a workspace may take: wide layers get a smaller token chunk (a power of two, at
+#: least MIN_CHUNK_TOKENS) instead of gigabytes of buffers.
+WORKSPACE_BUDGET_BYTES = 2 << 30
+MIN_CHUNK_TOKENS = 256
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -56,25 +66,54 @@ class Workspace:
     """
 
     def __init__(self, shape: MoEShape, device: torch.device, tokens: int, max_block_m: int,
-                 fp8: torch.dtype):
+                 fp8: torch.dtype, scale_tiles: int = 1):
         E, K, N, topk = shape.E, shape.K, shape.N, shape.topk
         pairs = tokens * topk
-        max_rows = pairs + min(pairs, E) * (max_block_m - 1)
+        max_rows = self.max_rows(shape, tokens, max_block_m)
         i32 = dict(dtype=torch.int32, device=device)
         f32 = dict(dtype=torch.float32, device=device)
         self.tokens = tokens
         self.act = torch.empty(pairs, N, **f32)  # gemv intermediate
         self.xq = torch.empty(tokens, K, dtype=fp8, device=device)
         self.a_scale = torch.empty(tokens, **f32)
+        self.local_ids = torch.empty(pairs, **i32)  # topk_ids mapped through an expert_map
         self.counts = torch.zeros(E, **i32)
         self.cursor = torch.empty(E, **i32)
         self.total = torch.empty(1, **i32)
         self.sorted_ids = torch.empty(max_rows, **i32)
         self.block_expert = torch.empty(_cdiv(max_rows, 16), **i32)
         self.actq = torch.empty(max_rows, N, dtype=fp8, device=device)
-        self.act_scale = torch.empty(max_rows, **f32)
+        # one scale per (row, stage-1 N tile) under the dynamic schemes
+        self.act_scale = torch.empty(max_rows * scale_tiles, **f32)
         self.partial = torch.empty(pairs, K, dtype=torch.bfloat16, device=device)
         self.acc = torch.empty(tokens, K, **f32)  # atomic stage 2's accumulator
+
+    @staticmethod
+    def max_rows(shape: MoEShape, tokens: int, max_block_m: int) -> int:
+        """Sorted rows of the grouped regime: every pair, plus each used expert's padding."""
+        pairs = tokens * shape.topk
+        return pairs + min(pairs, shape.E) * (max_block_m - 1)
+
+    @classmethod
+    def nbytes(cls, shape: MoEShape, tokens: int, max_block_m: int,
+               scale_tiles: int = 1) -> int:
+        """What :class:`Workspace` allocates for ``tokens`` (fp8 counted as one byte)."""
+        E, K, N, pairs = shape.E, shape.K, shape.N, tokens * shape.topk
+        rows = cls.max_rows(shape, tokens, max_block_m)
+        return (pairs * N * 4 + tokens * K + tokens * 4 + pairs * 4 + (2 * E + 1) * 4
+                + rows * 4 + _cdiv(rows, 16) * 4 + rows * N + rows * scale_tiles * 4
+                + pairs * K * 2 + tokens * K * 4)
+
+    @classmethod
+    def chunk_tokens(cls, shape: MoEShape, max_tokens: int, max_block_m: int,
+                     scale_tiles: int = 1, budget: int = WORKSPACE_BUDGET_BYTES) -> int:
+        """The token chunk for a pipeline asked for ``max_tokens``: at most MAX_CHUNK_TOKENS,
+        halved (not below MIN_CHUNK_TOKENS) while the workspace would pass ``budget``."""
+        tokens = min(max_tokens, MAX_CHUNK_TOKENS)
+        while tokens > MIN_CHUNK_TOKENS and \
+                cls.nbytes(shape, tokens, max_block_m, scale_tiles) > budget:
+            tokens = max(MIN_CHUNK_TOKENS, 1 << ((tokens - 1).bit_length() - 1))
+        return tokens
 
 #: FusedMoE.shared's pipelines (or the error building one raised), by layer
 _shared: dict[tuple, Any] = {}
@@ -134,8 +173,12 @@ class FusedMoE:
             raise ValueError(f"no compiled variant serves {shape} {scheme.value} on "
                              f"{self.runtime.target}")
         max_bm = max([v.block_m for v in self._variants.values()] + [16])
-        self.chunk = min(max_tokens, MAX_CHUNK_TOKENS)
-        self.ws = Workspace(shape, self.device, self.chunk, max_bm, self.fp8)
+        # dynamic stage 1 writes one scale per (row, N tile): room for its narrowest tiles
+        s1_bn = [st[Role.STAGE1].consts["BLOCK_N"] for name, st in self._stages.items()
+                 if self._variants[name].regime is Regime.GROUPED]
+        tiles = _cdiv(shape.N, min(s1_bn)) if s1_bn and not scheme.static_activations else 1
+        self.chunk = Workspace.chunk_tokens(shape, max_tokens, max_bm, tiles)
+        self.ws = Workspace(shape, self.device, self.chunk, max_bm, self.fp8, tiles)
 
     @classmethod
     def shared(cls, shape: MoEShape, scheme: Scheme, device: torch.device | str,
@@ -184,6 +227,11 @@ class FusedMoE:
         """Which reference semantics ``variant`` computes (False: W8A16)."""
         return self.variant(variant).quantize_activations
 
+    def act_group(self, variant: str) -> int:
+        """Columns per dynamic scale of the re-quantised intermediate (0: the whole row); the
+        reference's ``act_group``."""
+        return self.variant(variant).act_group_for(self.scheme)
+
     def tolerance(self, variant: str) -> float:
         """Relative error vs the float64 reference ``variant`` is held to in tests."""
         return self.variant(variant).tolerance
@@ -191,18 +239,24 @@ class FusedMoE:
     def run(self, variant: str, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
             w13_scale: torch.Tensor, w2_scale: torch.Tensor, topk_weights: torch.Tensor,
             topk_ids: torch.Tensor, out: torch.Tensor, a13_scale: torch.Tensor | None = None,
-            a2_scale: torch.Tensor | None = None) -> torch.Tensor:
+            a2_scale: torch.Tensor | None = None,
+            expert_map: torch.Tensor | None = None) -> torch.Tensor:
         """Compute the layer into ``out`` (see the module docstring for the contract)."""
         v = self.variant(variant)
         stages = self._stages[variant]
         M = x.shape[0]
         self._check(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, out,
-                    a13_scale, a2_scale)
+                    a13_scale, a2_scale, expert_map)
         launch = self._run_gemv if v.regime is Regime.GEMV else self._run_grouped
         for c0 in range(0, M, self.chunk):
             c1 = min(M, c0 + self.chunk)
+            ids = topk_ids[c0:c1]
+            if expert_map is not None:
+                local = self.ws.local_ids[:ids.numel()].view(ids.shape)
+                torch.index_select(expert_map, 0, ids.view(-1), out=local.view(-1))
+                ids = local
             launch(stages, x[c0:c1], w13, w2, w13_scale, w2_scale, topk_weights[c0:c1],
-                   topk_ids[c0:c1], out[c0:c1], a13_scale, a2_scale)
+                   ids, out[c0:c1], a13_scale, a2_scale)
         return out
 
     def _run_gemv(self, st, x, w13, w2, w13_scale, w2_scale, tw, ids, out, a13, a2):
@@ -267,10 +321,11 @@ class FusedMoE:
                          partial_ptr=ws.partial, acc_ptr=ws.acc, **dims, pdl=pdl[Role.STAGE2])
         red = st[Role.REDUCE]
         red.kernel.launch((M, _cdiv(s.K, red.consts["BLOCK_K"]), 1), partial_ptr=ws.partial,
-                          acc_ptr=ws.acc, out_ptr=out, K=s.K, topk=s.topk,
+                          acc_ptr=ws.acc, topk_ids_ptr=ids, out_ptr=out, K=s.K, topk=s.topk,
                           pdl=pdl[Role.REDUCE])
 
-    def _check(self, x, w13, w2, w13_scale, w2_scale, tw, ids, out, a13, a2) -> None:
+    def _check(self, x, w13, w2, w13_scale, w2_scale, tw, ids, out, a13, a2,
+               expert_map=None) -> None:
         """Host-only checks (attribute reads; no device work) that keep bad calls from
         reading or writing out of bounds."""
         s = self.shape
@@ -310,7 +365,17 @@ class FusedMoE:
                 if t is None or t.numel() != 1 or t.dtype != torch.float32:
                     problems.append(f"{name} must be a one-element fp32 tensor for "
                                     f"{self.scheme.value}")
-        for name, t in (("x", x), ("w13", w13), ("w2", w2), ("out", out), ("topk_ids", ids)):
+        if expert_map is not None and (expert_map.dtype != torch.int32 or
+                                       expert_map.dim() != 1 or
+                                       expert_map.numel() < s.E or
+                                       not expert_map.is_contiguous()):
+            problems.append(f"expert_map must be contiguous 1-D int32 over the global experts "
+                            f"(at least the {s.E} local ones), got {expert_map.dtype} "
+                            f"{tuple(expert_map.shape)}")
+        named = [("x", x), ("w13", w13), ("w2", w2), ("out", out), ("topk_ids", ids)]
+        if expert_map is not None:
+            named.append(("expert_map", expert_map))
+        for name, t in named:
             if t.device != self.device:
                 problems.append(f"{name} is on {t.device}, expected {self.device}")
         if problems:

@@ -48,24 +48,46 @@ class Scheme(str, enum.Enum):
 
 @dataclass(frozen=True)
 class MoEShape:
-    """Per-rank MoE layer shape: ``E`` experts, hidden ``K``, intermediate ``N``, ``topk``."""
+    """Per-rank MoE layer shape: ``E`` experts, hidden ``K``, intermediate ``N``, ``topk``.
+
+    ``ep``: expert-parallel ranks (1: none). Under expert parallelism ``E`` is this rank's
+    share of the ``E * ep`` experts tokens are routed over, and only the pairs routed to those
+    cost work here (vLLM's ``expert_map``); the routing statistics, and so the tuned choice,
+    differ from a layer of ``E`` experts without EP.
+    """
 
     E: int
     K: int
     N: int
     topk: int
+    ep: int = 1
 
     def __str__(self) -> str:
-        return f"E={self.E},K={self.K},N={self.N},topk={self.topk}"
+        return (f"E={self.E},K={self.K},N={self.N},topk={self.topk}"
+                + (f",ep={self.ep}" if self.ep != 1 else ""))
+
+    @property
+    def global_experts(self) -> int:
+        """Experts tokens are routed over (all ranks')."""
+        return self.E * self.ep
 
     @classmethod
     def parse(cls, text: str) -> MoEShape:
-        """Parse ``"E,K,N,topk"`` (the bench/tune ``--shape`` argument)."""
+        """Parse ``"E,K,N,topk"`` or ``"E,K,N,topk,ep"`` (the bench/tune ``--shape``
+        argument; E is the experts per rank)."""
         try:
-            e, k, n, t = (int(v) for v in text.split(","))
+            vals = [int(v) for v in text.split(",")]
+            if len(vals) not in (4, 5):
+                raise ValueError
         except ValueError:
-            raise ValueError(f"shape must be 'E,K,N,topk' integers, got {text!r}") from None
-        return cls(e, k, n, t)
+            raise ValueError(f"shape must be 'E,K,N,topk[,ep]' integers, got {text!r}"
+                             ) from None
+        return cls(*vals)
+
+    def flops(self, M: int) -> float:
+        """fp8 FLOPs of the layer's two GEMMs at ``M`` tokens; under EP, of the expected
+        local share (``topk / ep`` pairs per token with uniform routing)."""
+        return 2.0 * M * self.topk / self.ep * 3.0 * self.N * self.K
 
     def weight_bytes_per_expert(self) -> int:
         """fp8 bytes of one expert's w13 and w2."""
@@ -95,11 +117,12 @@ PRESETS: dict[str, Preset] = {
 TUNED_TOKEN_COUNTS: tuple[int, ...] = tuple(2**i for i in range(18))
 
 # The supported set, stated once.  K and N granularity follow the kernel tiles (K is read in
-# 128-wide chunks, N in 32-wide chunks); the upper bounds keep per-program register tiles and
-# the routing workspace inside what the kernels were built for.
+# 128-wide chunks, N in 32-wide chunks); the upper bounds are what the kernels are tested at
+# (every N: the grouped stage 2 with per-tile activation scales, issue 13) and keep the
+# routing workspace inside what the kernels were built for.
 MAX_K = 8192
 K_MULTIPLE = 128
-MAX_N = 1024
+MAX_N = 16384
 N_MULTIPLE = 32
 MAX_E = 1024
 MAX_TOPK = 16
@@ -118,6 +141,10 @@ def unsupported_reason(shape: MoEShape, scheme: Scheme | str | None = None) -> s
         return f"intermediate size N={shape.N} must be a multiple of {N_MULTIPLE} up to {MAX_N}"
     if not 1 <= shape.E <= MAX_E:
         return f"expert count E={shape.E} must be between 1 and {MAX_E}"
-    if not 1 <= shape.topk <= min(MAX_TOPK, shape.E):
-        return f"topk={shape.topk} must be between 1 and min({MAX_TOPK}, E={shape.E})"
+    if shape.ep < 1:
+        return f"expert-parallel ranks ep={shape.ep} must be >= 1"
+    if not 1 <= shape.topk <= min(MAX_TOPK, shape.global_experts):
+        routed = (f"E={shape.E}" if shape.ep == 1 else
+                  f"{shape.global_experts} experts over {shape.ep} ranks")
+        return f"topk={shape.topk} must be between 1 and min({MAX_TOPK}, {routed})"
     return None

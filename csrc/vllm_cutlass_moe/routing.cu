@@ -52,7 +52,7 @@ int vc_device_sm_count(int* device, int* sm_count, int* cc_major) {
   return VC_OK;
 }
 
-VC_EXPORT int vllm_cutlass_abi_version() { return 1; }
+VC_EXPORT int vllm_cutlass_abi_version() { return 2; }  // 2: permute takes the expert map
 
 VC_EXPORT const char* vllm_cutlass_build_info() { return VLLM_CUTLASS_BUILD_INFO; }
 
@@ -328,12 +328,15 @@ VC_EXPORT int vllm_cutlass_moe_permute_sort_workspace_size(int64_t num_expanded_
   VC_CATCH("moe_permute_sort_workspace_size")
 }
 
-// vLLM's moe_permute_with_scratch without an expert map (moe_permute_unpermute_op.cu:
-// moe_sort_routing + moe_permute_impl). topk_ids [n_token, topk] int32; token_expert_indices
-// = arange(n_token * topk) int32; permuted_idx must be pre-filled with n_token * topk (the
-// Python side does that, as vLLM's moe_permute does); elem_size 1 (fp8) or 2 (bf16).
+// vLLM's moe_permute_with_scratch (moe_permute_unpermute_op.cu: moe_sort_routing +
+// moe_permute_impl). topk_ids [n_token, topk] int32; token_expert_indices = arange(n_token *
+// topk) int32; permuted_idx must be pre-filled with n_token * topk (the Python side does that,
+// as vLLM's moe_permute does); elem_size 1 (fp8) or 2 (bf16). expert_map (nullable, int32
+// [n_expert] global -> local slot or -1) as vLLM passes it under expert parallelism: pairs of
+// other ranks sort past the local experts and expandInputRows stops at their count.
 VC_EXPORT int vllm_cutlass_moe_permute(
     const void* input, const int32_t* topk_ids, const int32_t* token_expert_indices,
+    const int32_t* expert_map,
     int64_t n_token, int64_t topk, int64_t n_hidden, int64_t n_expert, int64_t n_local_expert,
     int64_t elem_size, void* permuted_input, int64_t* expert_first_token_offset,
     int32_t* inv_permuted_idx, int32_t* permuted_idx, void* sort_workspace,
@@ -353,7 +356,7 @@ VC_EXPORT int vllm_cutlass_moe_permute(
   cudaError_t e = cudaMemcpyAsync(topk_ids_for_sort, topk_ids, sizeof(int32_t) * expanded_rows,
                                   cudaMemcpyDeviceToDevice, stream);
   if (e != cudaSuccess) return vc_fail(VC_CUDA_ERROR, "copy: %s", cudaGetErrorString(e));
-  preprocessTopkIdLauncher(topk_ids_for_sort, static_cast<int>(expanded_rows), nullptr,
+  preprocessTopkIdLauncher(topk_ids_for_sort, static_cast<int>(expanded_rows), expert_map,
                            static_cast<int>(n_expert), stream);
   VC_CHECK_LAUNCH("preprocessTopkIdKernel");
   CubKeyValueSorter sorter{};
@@ -362,17 +365,18 @@ VC_EXPORT int vllm_cutlass_moe_permute(
                     static_cast<int>(n_expert), static_cast<int>(n_local_expert),
                     static_cast<int>(topk), sorter, sort_workspace, stream, nullptr);
   VC_CHECK_LAUNCH("sortAndScanExpert");
-  // moe_permute_impl: no expert map, so valid_num_ptr is null.
+  // moe_permute_impl: with an expert map, rows stop at the local experts' count
+  int64_t const* valid_num = expert_map ? expert_first_token_offset + n_local_expert : nullptr;
   if (elem_size == 1)
     expandInputRowsKernelLauncher<__nv_fp8_e4m3>(
         static_cast<const __nv_fp8_e4m3*>(input), static_cast<__nv_fp8_e4m3*>(permuted_input),
         sorted_row_idx, inv_permuted_idx, permuted_idx, expert_first_token_offset, n_token,
-        nullptr, n_hidden, static_cast<int>(topk), static_cast<int>(n_local_expert), stream);
+        valid_num, n_hidden, static_cast<int>(topk), static_cast<int>(n_local_expert), stream);
   else
     expandInputRowsKernelLauncher<__nv_bfloat16>(
         static_cast<const __nv_bfloat16*>(input), static_cast<__nv_bfloat16*>(permuted_input),
         sorted_row_idx, inv_permuted_idx, permuted_idx, expert_first_token_offset, n_token,
-        nullptr, n_hidden, static_cast<int>(topk), static_cast<int>(n_local_expert), stream);
+        valid_num, n_hidden, static_cast<int>(topk), static_cast<int>(n_local_expert), stream);
   VC_CHECK_LAUNCH("expandInputRowsKernel");
   return VC_OK;
   VC_CATCH("moe_permute")

@@ -16,12 +16,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--generate", action="store_true",
                    help="rewrite <config-dir>/<preset>_<scheme>_tp<T>.untuned.csv")
     p.add_argument("--config-dir", default=None)
-    p.add_argument("--tp", type=int, default=8)
+    p.add_argument("--tp", type=int, default=None,
+                   help="only this tensor-parallel size (default: every shipped layout)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks with --tp")
     p.add_argument("check", nargs="*", help="CSV files to validate")
     args = p.parse_args(argv)
     rc = 0
     if args.generate:
-        for path in generate_untuned(args.config_dir, args.tp):
+        for path in generate_untuned(args.config_dir, args.tp, ep=args.ep):
             print(f"wrote {path}")
     for f in args.check:
         reader = read_tuned if str(f).endswith(".tuned.csv") else read_untuned

@@ -4,11 +4,12 @@ File names: ``configs/<model>_<scheme family>_tp<T>.untuned.csv`` (what to tune)
 ``configs/<model>_<scheme family>_tp<T>.tuned.csv`` (what the tuner measured). Columns, in this
 order (untuned files hold the key columns only)::
 
-    tokens, model_dim, inter_dim, experts, topk, activation, scheme,          <- key
+    tokens, model_dim, inter_dim, experts, topk, activation, scheme, ep,      <- key
     gpu, arch, cu_num, backend, variant, us, stock_us, stock_provider,
     speedup, tflops, gbps, err, version, tuned_at
 
-``model_dim`` is K, ``inter_dim`` N (per TP partition), ``experts`` E; ``scheme`` is the family
+``model_dim`` is K, ``inter_dim`` N (per TP partition), ``experts`` E (per rank); ``ep`` the
+expert-parallel ranks (1: no EP; a file without the column is read as 1); ``scheme`` the family
 name (``fp8_ptpc`` | ``fp8_per_tensor``); ``backend`` is ``aot`` (``variant`` names the pipeline
 variant) or ``stock`` (``variant`` empty); ``us`` is the winner's whole-layer time, ``stock_us``
 the stock path's in the same run (empty when no stock provider ran) and ``stock_provider`` who
@@ -40,8 +41,12 @@ logger = logging.getLogger("vllm_moe_aot.dispatch.configs")
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 KEY_COLUMNS: tuple[str, ...] = (
-    "tokens", "model_dim", "inter_dim", "experts", "topk", "activation", "scheme",
+    "tokens", "model_dim", "inter_dim", "experts", "topk", "activation", "scheme", "ep",
 )
+#: key columns a file may leave out, with the value they then have
+OPTIONAL_KEY_COLUMNS: dict[str, str] = {"ep": "1"}
+REQUIRED_KEY_COLUMNS: tuple[str, ...] = tuple(c for c in KEY_COLUMNS
+                                              if c not in OPTIONAL_KEY_COLUMNS)
 RESULT_COLUMNS: tuple[str, ...] = (
     "gpu", "arch", "cu_num", "backend", "variant", "us", "stock_us", "stock_provider",
     "speedup", "tflops", "gbps", "err", "version", "tuned_at",
@@ -83,10 +88,12 @@ class RowKey:
     topk: int
     activation: str
     scheme: str
+    ep: int = 1
 
     @property
     def shape(self) -> MoEShape:
-        return MoEShape(E=self.experts, K=self.model_dim, N=self.inter_dim, topk=self.topk)
+        return MoEShape(E=self.experts, K=self.model_dim, N=self.inter_dim, topk=self.topk,
+                        ep=self.ep)
 
     @property
     def M(self) -> int:
@@ -95,13 +102,13 @@ class RowKey:
     def layer(self) -> tuple:
         """Everything but ``tokens``: rows sharing it form one dispatch table."""
         return (self.model_dim, self.inter_dim, self.experts, self.topk, self.activation,
-                self.scheme)
+                self.scheme, self.ep)
 
     @classmethod
     def of(cls, shape: MoEShape, scheme: Scheme | str, tokens: int,
            activation: str = "silu") -> RowKey:
         return cls(int(tokens), shape.K, shape.N, shape.E, shape.topk, activation,
-                   scheme_family(scheme))
+                   scheme_family(scheme), shape.ep)
 
     def __str__(self) -> str:
         return f"M={self.tokens} {self.shape} {self.scheme} {self.activation}"
@@ -242,9 +249,10 @@ def _parse_key(rec: dict) -> RowKey:
     key = RowKey(
         tokens=_int(rec, "tokens"), model_dim=_int(rec, "model_dim"),
         inter_dim=_int(rec, "inter_dim"), experts=_int(rec, "experts"),
-        topk=_int(rec, "topk"), activation=act, scheme=scheme)
-    if key.topk > key.experts:
-        raise _RowErrors(f"topk={key.topk} exceeds experts={key.experts}")
+        topk=_int(rec, "topk"), activation=act, scheme=scheme,
+        ep=_int(rec, "ep") if _cell(rec, "ep") else 1)
+    if key.topk > key.experts * key.ep:
+        raise _RowErrors(f"topk={key.topk} exceeds experts={key.experts * key.ep}")
     return key
 
 
@@ -359,7 +367,7 @@ def read_untuned(path: str | os.PathLike) -> tuple[list[RowKey], list[ConfigIssu
     issues: list[ConfigIssue] = []
     keys: list[RowKey] = []
     seen: dict[RowKey, int] = {}
-    for line, rec in _iter_records(path, KEY_COLUMNS, UNTUNED_COLUMNS, issues):
+    for line, rec in _iter_records(path, REQUIRED_KEY_COLUMNS, UNTUNED_COLUMNS, issues):
         try:
             key = _parse_key(rec)
         except _RowErrors as exc:
@@ -379,7 +387,8 @@ def read_tuned(path: str | os.PathLike) -> tuple[list[TunedRow], list[ConfigIssu
     issues: list[ConfigIssue] = []
     rows: list[TunedRow] = []
     seen: dict[tuple, int] = {}
-    for line, rec in _iter_records(path, TUNED_COLUMNS, TUNED_COLUMNS, issues):
+    required = tuple(c for c in TUNED_COLUMNS if c not in OPTIONAL_KEY_COLUMNS)
+    for line, rec in _iter_records(path, required, TUNED_COLUMNS, issues):
         try:
             row = _parse_tuned(rec)
         except _RowErrors as exc:
@@ -423,40 +432,57 @@ def write_untuned(path: str | os.PathLike, keys: Iterable[RowKey]) -> None:
 
 # ---------------------------------------------------------------- shipped untuned configs
 
-def preset_shape(preset: Preset, tp: int = 8) -> MoEShape:
-    """The per-rank shape of ``preset`` at tensor parallelism ``tp`` (presets are given at 8).
+def preset_shape(preset: Preset, tp: int = 8, ep: int = 1) -> MoEShape:
+    """The per-rank shape of ``preset`` at tensor parallelism ``tp`` (presets are given at 8),
+    or with its experts spread over ``ep`` expert-parallel ranks.
 
-    Experts are not sharded by TP (no expert parallelism), the intermediate size is.
+    Without EP the experts are not sharded by TP, the intermediate size is. With EP (vLLM's
+    ``--enable-expert-parallel``, ``ep = TP x DP`` ranks) each rank holds ``E / ep`` experts at
+    the full intermediate size, so ``tp`` must divide ``ep`` and only decides the file name.
     """
-    if tp < 1:
-        raise ValueError(f"tp must be >= 1, got {tp}")
-    full_n = preset.shape.N * 8
+    if tp < 1 or ep < 1:
+        raise ValueError(f"tp and ep must be >= 1, got tp={tp}, ep={ep}")
+    s = preset.shape
+    full_n = s.N * 8
+    if ep > 1:
+        if ep % tp or s.E % ep:
+            raise ValueError(f"{preset.name}: ep={ep} must be a multiple of tp={tp} and divide "
+                             f"its {s.E} experts")
+        return MoEShape(E=s.E // ep, K=s.K, N=full_n, topk=s.topk, ep=ep)
     if full_n % tp:
         raise ValueError(f"{preset.name}: intermediate size {full_n} is not divisible by tp={tp}")
-    s = preset.shape
     return MoEShape(E=s.E, K=s.K, N=full_n // tp, topk=s.topk)
 
 
-def untuned_name(preset: Preset, tp: int = 8) -> str:
-    return f"{preset.name}_{preset.scheme.family}_tp{tp}.untuned.csv"
+def untuned_name(preset: Preset, tp: int = 8, ep: int = 1) -> str:
+    return (f"{preset.name}_{preset.scheme.family}_tp{tp}" + (f"_ep{ep}" if ep > 1 else "")
+            + ".untuned.csv")
 
 
-def untuned_keys(preset: Preset, tp: int = 8,
-                 tokens: Sequence[int] = TUNED_TOKEN_COUNTS) -> list[RowKey]:
-    shape = preset_shape(preset, tp)
+def untuned_keys(preset: Preset, tp: int = 8, tokens: Sequence[int] = TUNED_TOKEN_COUNTS,
+                 ep: int = 1) -> list[RowKey]:
+    shape = preset_shape(preset, tp, ep)
     return [RowKey.of(shape, preset.scheme, m) for m in tokens]
 
 
-def generate_untuned(config_dir: str | os.PathLike | None = None, tp: int = 8,
-                     presets: Sequence[str] | None = None) -> list[Path]:
-    """(Re)write the shipped untuned CSVs: every preset at ``tp``, all tuned token counts."""
+#: the (tp, ep) layouts the shipped untuned CSVs cover: TP8, and vLLM's throughput recipe
+#: ``-dp 8 --enable-expert-parallel`` (TP1 x DP8 = EP8)
+SHIPPED_LAYOUTS: tuple[tuple[int, int], ...] = ((8, 1), (1, 8))
+
+
+def generate_untuned(config_dir: str | os.PathLike | None = None, tp: int | None = None,
+                     presets: Sequence[str] | None = None, ep: int = 1) -> list[Path]:
+    """(Re)write the untuned CSVs: every preset at each shipped layout (or only at ``tp``
+    and ``ep`` when ``tp`` is given), all tuned token counts."""
     out_dir = Path(config_dir) if config_dir is not None else DEFAULT_CONFIG_DIR
+    layouts = SHIPPED_LAYOUTS if tp is None else ((tp, ep),)
     written = []
     for name in presets or list(PRESETS):
         preset = PRESETS[name]
-        path = out_dir / untuned_name(preset, tp)
-        write_untuned(path, untuned_keys(preset, tp))
-        written.append(path)
+        for t, e in layouts:
+            path = out_dir / untuned_name(preset, t, e)
+            write_untuned(path, untuned_keys(preset, t, ep=e))
+            written.append(path)
     return written
 
 

@@ -5,7 +5,7 @@ variant asked for), the stock path's µs when a provider exists, and the floor
 
     F(M) = max(bytes / BW, FLOPs / P)
     bytes = experts touched x 3*N*K (fp8 w13 + w2) + 2*M*K (bf16 x) + 2*M*K (bf16 out)
-    FLOPs = 2 * M * topk * 3*N*K
+    FLOPs = 2 * M * topk * 3*N*K  (x 1/ep under expert parallelism: the local share)
 
 with BW (2 GiB device copy) and P (8192^3 fp8 ``_scaled_mm``) measured in the same run; then
 time/F, achieved GB/s and TFLOPS, speedup over stock and the gate's error. Prints a table,
@@ -56,9 +56,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="model preset (per-rank shape at TP8, scheme)")
     p.add_argument("--tp", type=int, default=8, help="tensor parallel size (default 8)")
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel ranks for --preset (vLLM's --enable-expert-parallel: "
+                        "E/ep experts per rank at the full intermediate size; with --shape "
+                        "give ep as its fifth number)")
     p.add_argument("--tokens", type=int, nargs="+", default=None,
                    help="token counts (default: 1, 2, 4, ..., 131072; CPU: 1 5 33)")
-    p.add_argument("--shape", default=None, help="E,K,N,topk (per rank) instead of --preset")
+    p.add_argument("--shape", default=None,
+                   help="E,K,N,topk[,ep] (per rank) instead of --preset")
     p.add_argument("--scheme", default=None,
                    help="fp8_ptpc | fp8_per_tensor[_static|_dynamic] (with --shape, or to "
                         "override the preset's)")
@@ -106,8 +111,11 @@ def resolve_layer(args) -> tuple[MoEShape, Scheme, str]:
             raise ValueError("give --preset or --shape E,K,N,topk with --scheme")
         preset = PRESETS[args.preset]
         scheme = Scheme.parse(args.scheme) if args.scheme else preset.scheme
-        shape = preset_shape(preset, args.tp)
-        name, given = f"{preset.name} tp{args.tp}", f"--preset {preset.name} --tp {args.tp}"
+        ep = getattr(args, "ep", 1) or 1
+        shape = preset_shape(preset, args.tp, ep)
+        par = f"tp{args.tp}" + (f" ep{ep}" if ep > 1 else "")
+        name = f"{preset.name} {par}"
+        given = f"--preset {preset.name} --tp {args.tp}" + (f" --ep {ep}" if ep > 1 else "")
     reason = unsupported_reason(shape, scheme)
     if reason:
         raise ValueError(f"{given} ({shape}, {scheme.value}) is not supported by the AOT "
@@ -287,18 +295,18 @@ def run_cpu(args, shape: MoEShape, scheme: Scheme, name: str, moe_factory=None) 
     failures = 0
     for M in tokens:
         problem = make_problem(small, scheme, M, device, seed=1000 + M)
-        refs: dict[bool, torch.Tensor] = {}
+        refs: dict[tuple[bool, int], torch.Tensor] = {}
         for v in variants:
             row = BenchRow(M=M, variant=v, label=v)
-            qa = bool(moe.quantize_activations(v))
+            sem = (bool(moe.quantize_activations(v)), moe.act_group(v))
             out = problem.new_out().fill_(float("nan"))
             t0 = time.perf_counter()
             try:
-                moe.run(v, *problem.tensors(), out, **problem.act_scales())
+                moe.run(v, *problem.tensors(), out, **problem.run_kwargs())
                 row.us = (time.perf_counter() - t0) * 1e6
-                if qa not in refs:
-                    refs[qa] = problem.reference(qa)
-                g = gate(out, refs[qa])
+                if sem not in refs:
+                    refs[sem] = problem.reference(sem[0], act_group=sem[1])
+                g = gate(out, refs[sem])
                 row.err, row.gate = g.rel_fro, "pass" if g.passed else "FAIL"
                 if not g.passed:
                     row.error = g.reason

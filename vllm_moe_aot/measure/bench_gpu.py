@@ -154,16 +154,17 @@ def _gpu_rows_at(M, shape, scheme, dev, info, bw, peak, moe, peers, stock, avail
     if gate_rows > 0:
         g = torch.Generator().manual_seed(M)
         rows_idx = torch.randperm(M, generator=g)[:gate_rows].sort().values
-    refs: dict[bool, torch.Tensor] = {}
+    refs: dict[tuple[bool, int], torch.Tensor] = {}
 
-    def check(run_once, qa: bool, row: BenchRow) -> None:
+    def check(run_once, qa: bool, row: BenchRow, act_group: int = 0) -> None:
         if rows_idx is None:
             return
         y = run_once(outs[0].fill_(float("nan")))
         torch.cuda.synchronize()
-        if qa not in refs:
-            refs[qa] = problems[0].reference(qa, rows=rows_idx)
-        res = gate(y[rows_idx.to(dev)], refs[qa])
+        if (qa, act_group) not in refs:
+            refs[(qa, act_group)] = problems[0].reference(qa, rows=rows_idx,
+                                                          act_group=act_group)
+        res = gate(y[rows_idx.to(dev)], refs[(qa, act_group)])
         row.err, row.gate = res.rel_fro, "pass" if res.passed else "FAIL"
         if not res.passed:
             row.error = res.reason
@@ -206,15 +207,15 @@ def _gpu_rows_at(M, shape, scheme, dev, info, bw, peak, moe, peers, stock, avail
         else:
             try:
                 check(lambda o, v=v: moe.run(v, *problems[0].tensors(), o,
-                                             **problems[0].act_scales()),
-                      bool(moe.quantize_activations(v)), row)
+                                             **problems[0].run_kwargs()),
+                      bool(moe.quantize_activations(v)), row, moe.act_group(v))
                 row.us = time_graph([
-                    (lambda p=p, o=o, v=v: moe.run(v, *p.tensors(), o, **p.act_scales()))
+                    (lambda p=p, o=o, v=v: moe.run(v, *p.tensors(), o, **p.run_kwargs()))
                     for p, o in zip(problems, outs, strict=True)]).us
                 if host:
                     row.host_us = host_time(
                         lambda v=v, p=problems[0], o=outs[0]: moe.run(v, *p.tensors(), o,
-                                                                      **p.act_scales()))
+                                                                      **p.run_kwargs()))
             except Exception as exc:  # noqa: BLE001
                 row.error = f"{type(exc).__name__}: {exc}"
         row.peer_us, row.peer_host_us = dict(peer_us), dict(peer_host)

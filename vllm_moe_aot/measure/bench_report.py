@@ -30,7 +30,7 @@ def floors(shape: MoEShape, M: int, experts: float, bw: float, peak_flops: float
     copying ``bw`` bytes/s and doing ``peak_flops`` fp8 FLOP/s."""
     w_bytes = experts * 3.0 * shape.N * shape.K
     nbytes = w_bytes + 2.0 * M * shape.K + 2.0 * M * shape.K
-    flops = 2.0 * M * shape.topk * 3.0 * shape.N * shape.K
+    flops = shape.flops(M)
     byte_us = nbytes / bw * 1e6
     flop_us = flops / peak_flops * 1e6
     return Floors(experts, nbytes, flops, w_bytes / bw * 1e6, byte_us, flop_us,

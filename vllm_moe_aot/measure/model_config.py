@@ -239,7 +239,8 @@ def per_rank_shape(moe: ModelMoE, tp: int = 1, ep: int = 1) -> MoEShape:
         if moe.experts % ep:
             raise ValueError(f"{moe.name}: {moe.experts} experts do not divide evenly over "
                              f"ep={ep} ranks")
-        return MoEShape(E=moe.experts // ep, K=moe.hidden, N=moe.intermediate, topk=moe.topk)
+        return MoEShape(E=moe.experts // ep, K=moe.hidden, N=moe.intermediate, topk=moe.topk,
+                        ep=ep)
     if moe.intermediate % tp:
         raise ValueError(f"{moe.name}: intermediate size {moe.intermediate} is not divisible "
                          f"by tp={tp}")

@@ -49,12 +49,18 @@ def quantize(t: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> to
     return q.float().to(fp8_dtype).double() * scale
 
 
-def _act_quant(t: torch.Tensor, scheme: Scheme, static_scale, fp8_dtype) -> torch.Tensor:
+def _act_quant(t: torch.Tensor, scheme: Scheme, static_scale, fp8_dtype,
+               group: int = 0) -> torch.Tensor:
+    """Quantise ``t`` [rows, cols] as the scheme does: one static scale, or one dynamic scale
+    per row, or (``group`` > 0) per ``group`` consecutive columns of a row."""
     if scheme.static_activations:
         if static_scale is None:
             raise ValueError(f"{scheme.value} needs static activation scales")
         scale = torch.as_tensor(static_scale).detach().cpu().double().reshape(())
         return quantize(t, scale, fp8_dtype)
+    if group and group < t.shape[-1]:
+        return torch.cat([_act_quant(c, scheme, None, fp8_dtype)
+                          for c in t.split(group, dim=-1)], dim=-1)
     amax = t.abs().amax(dim=-1, keepdim=True)
     scale = torch.clamp(amax / fp8_max(fp8_dtype), min=min_scale(fp8_dtype))
     # a NaN row's scale is NaN; clamp(min=) keeps NaN, so the row stays NaN like the kernels
@@ -74,6 +80,7 @@ def reference_moe(
     a2_scale: torch.Tensor | None = None,
     quantize_activations: bool = True,
     expert_map: torch.Tensor | None = None,
+    act_group: int = 0,
 ) -> torch.Tensor:
     """The layer in float64 on the CPU: ``[M, K]`` float64.
 
@@ -84,6 +91,9 @@ def reference_moe(
     global expert id -> its slot in this rank's weights, or -1 when another rank holds it.
     ``topk_ids`` are then global ids, the weights and scales hold the local experts only, and a
     pair routed to another rank contributes nothing here (that rank adds it).
+
+    ``act_group``: dynamic schemes re-quantise the intermediate with one scale per that many
+    columns of a row (a variant's ``act_group``; 0: one scale per row).
     """
     scheme = Scheme.parse(scheme) if isinstance(scheme, str) else scheme
     fp8 = w13.dtype
@@ -115,7 +125,7 @@ def reference_moe(
         h = a1[rows] @ w13e.T  # [r, 2N]
         act = torch.nn.functional.silu(h[:, :N]) * h[:, N:]
         if quantize_activations:
-            act = _act_quant(act, scheme, a2_scale, fp8)
+            act = _act_quant(act, scheme, a2_scale, fp8, act_group)
         y = act @ w2e.T  # [r, K]
         out.index_add_(0, rows, y * tw[rows, slots].unsqueeze(1))
     return out

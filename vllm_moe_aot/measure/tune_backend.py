@@ -31,6 +31,7 @@ class Candidate:
     name: str  # the variant name, or "stock"
     backend: str  # "aot" | "stock"
     quantize_activations: bool = True
+    act_group: int = 0  # columns per dynamic scale of the intermediate (0: the whole row)
 
 
 @dataclass
@@ -173,7 +174,8 @@ class LayerBackend:
             notes.append(f"no AOT candidates: {type(moe).__name__}: {moe}")
         else:
             for v in moe.variants_for(key.tokens):
-                cands.append(Candidate(v, "aot", bool(moe.quantize_activations(v))))
+                cands.append(Candidate(v, "aot", bool(moe.quantize_activations(v)),
+                                       moe.act_group(v)))
         if self.stock_of(key) is not None:
             cands.append(Candidate(STOCK, "stock", True))
         else:
@@ -201,7 +203,7 @@ class LayerBackend:
         if cand.backend == "stock":
             return self.stock_of(key)(problem, out=out)
         moe = self._moe(key)
-        return moe.run(cand.name, *problem.tensors(), out, **problem.act_scales())
+        return moe.run(cand.name, *problem.tensors(), out, **problem.run_kwargs())
 
     def check(self, key: RowKey, cand: Candidate, deadline: float | None) -> GateResult:
         p = self._gate
@@ -209,10 +211,10 @@ class LayerBackend:
         out.fill_(float("nan"))  # rows a candidate forgets to write fail the gate
         self._run(cand, p, out, key)
         _sync(self.dev)
-        qa = cand.quantize_activations
-        if qa not in self._refs:
-            self._refs[qa] = p.reference(qa, rows=self._rows)
-        return gate(out[self._rows.to(out.device)], self._refs[qa])
+        sem = (cand.quantize_activations, cand.act_group)
+        if sem not in self._refs:
+            self._refs[sem] = p.reference(sem[0], rows=self._rows, act_group=sem[1])
+        return gate(out[self._rows.to(out.device)], self._refs[sem])
 
     # -- timing
     def prepare_timing(self, key: RowKey) -> None:
@@ -240,7 +242,7 @@ class LayerBackend:
                 fns = [(lambda p=p: stock(p)) for p in self._timing]
         else:
             moe = self._moe(key)
-            fns = [(lambda p=p, o=o: moe.run(cand.name, *p.tensors(), o, **p.act_scales()))
+            fns = [(lambda p=p, o=o: moe.run(cand.name, *p.tensors(), o, **p.run_kwargs()))
                    for p, o in zip(self._timing, self._outs, strict=True)]
         return float(self.timer(fns, deadline=deadline, name=cand.name))
 

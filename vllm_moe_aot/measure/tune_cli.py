@@ -166,9 +166,6 @@ def _prepare_model(args: argparse.Namespace) -> tuple[Path, Path, str] | int:
         hint = f" (tp values that fit: {', '.join(map(str, fits))})" if fits else ""
         print(f"error: the AOT pipeline cannot serve this layer: {why}{hint}", file=sys.stderr)
         return 2
-    if ep > 1:
-        print("note: the vLLM backend currently leaves expert-parallel MoE layers to vLLM; "
-              "rows tuned with --ep are for bench/info until it takes them", file=sys.stderr)
     cdir = Path(args.config_dir or os.environ.get(CONFIG_DIR_ENV)
                 or DEFAULT_USER_CONFIG_DIR).resolve()  # absolute: vLLM may start elsewhere
     stem = config_stem(moe.name, scheme, args.tp, ep)

@@ -108,7 +108,7 @@ def _now() -> str:
 
 
 def layer_flops(shape: MoEShape, M: int) -> float:
-    return 2.0 * M * shape.topk * 3 * shape.N * shape.K
+    return shape.flops(M)
 
 
 def layer_bytes(shape: MoEShape, M: int, experts: float) -> float:

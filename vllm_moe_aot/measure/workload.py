@@ -11,7 +11,10 @@
 - static activation scales (``fp8_per_tensor_static`` only) calibrated from the data:
   ``a13 = amax(x) / FP8_MAX``, ``a2 = amax(intermediate) / FP8_MAX`` over a sample of tokens;
 - routing: ``softmax(randn(M, E))``'s top-k (distinct experts per token), renormalised to sum
-  to one; ``topk_ids`` int32, ``topk_weights`` fp32.
+  to one; ``topk_ids`` int32, ``topk_weights`` fp32;
+- expert parallelism (``shape.ep`` > 1): tokens are routed over all ``E * ep`` experts and the
+  problem is rank 0's: it holds global experts ``[0, E)`` (vLLM's linear placement), and
+  ``expert_map`` (int32 ``[E * ep]``) maps them to slots ``0..E-1`` and every other to -1.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class MoEProblem:
     topk_ids: torch.Tensor
     a13_scale: torch.Tensor | None = None
     a2_scale: torch.Tensor | None = None
+    expert_map: torch.Tensor | None = None
 
     @property
     def M(self) -> int:
@@ -61,12 +65,21 @@ class MoEProblem:
         return (self.x, self.w13, self.w2, self.w13_scale, self.w2_scale, self.topk_weights,
                 self.topk_ids)
 
-    def act_scales(self) -> dict[str, torch.Tensor | None]:
-        return {"a13_scale": self.a13_scale, "a2_scale": self.a2_scale}
+    def run_kwargs(self) -> dict[str, torch.Tensor | None]:
+        """The keyword arguments of ``FusedMoE.run`` after ``out``."""
+        return {"a13_scale": self.a13_scale, "a2_scale": self.a2_scale,
+                "expert_map": self.expert_map}
+
+    def local_ids(self) -> torch.Tensor:
+        """``topk_ids`` as local slots (-1: another rank's expert)."""
+        if self.expert_map is None:
+            return self.topk_ids
+        return self.expert_map[self.topk_ids.long()]
 
     def experts_touched(self) -> int:
-        """Distinct experts the routing selects (what the weight-bytes floor counts)."""
-        return int(torch.unique(self.topk_ids).numel())
+        """Distinct local experts the routing selects (what the weight-bytes floor counts)."""
+        ids = torch.unique(self.local_ids())
+        return int((ids >= 0).sum())
 
     def new_out(self) -> torch.Tensor:
         return torch.empty(self.M, self.shape.K, dtype=torch.bfloat16, device=self.device)
@@ -76,9 +89,11 @@ class MoEProblem:
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     def reference(self, quantize_activations: bool = True,
-                  rows: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+                  rows: torch.Tensor | Sequence[int] | None = None,
+                  act_group: int = 0) -> torch.Tensor:
         """Float64 CPU reference of the layer, for all tokens or only ``rows`` (tokens are
-        independent in every scheme, so a subset is exact and much cheaper at large M)."""
+        independent in every scheme, so a subset is exact and much cheaper at large M);
+        ``act_group``: the variant's intermediate scale width (reference_moe)."""
         x, tw, ids = self.x, self.topk_weights, self.topk_ids
         if rows is not None:
             idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
@@ -87,7 +102,8 @@ class MoEProblem:
         return reference_moe(x, self.w13, self.w2, self.w13_scale, self.w2_scale, tw, ids,
                              self.scheme, a13_scale=cpu(self.a13_scale),
                              a2_scale=cpu(self.a2_scale),
-                             quantize_activations=quantize_activations)
+                             quantize_activations=quantize_activations,
+                             expert_map=self.expert_map, act_group=act_group)
 
 
 def default_fp8_dtype(device: torch.device | str) -> torch.dtype:
@@ -154,6 +170,8 @@ def _calibrate_a2(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
     xs = (xs / a13).clamp(-fmax, fmax).to(fp8).float() * a13  # as the kernels see it
     amax = torch.zeros((), dtype=torch.float32, device=x.device)
     for e in torch.unique(ids[:n]).tolist():
+        if e < 0:
+            continue  # another rank's expert
         rows = (ids[:n] == e).any(dim=1).nonzero().squeeze(1)
         w = w13[e].float() * w13_scale[e].reshape(-1, 1)
         h = xs[rows] @ w.T
@@ -169,8 +187,9 @@ def make_problem(shape: MoEShape, scheme: Scheme | str, M: int,
     scheme = Scheme.parse(scheme) if isinstance(scheme, str) else scheme
     if M < 1:
         raise ValueError(f"M must be >= 1, got {M}")
-    if not 1 <= shape.topk <= shape.E:
-        raise ValueError(f"topk={shape.topk} must be between 1 and E={shape.E}")
+    if not 1 <= shape.topk <= shape.global_experts:
+        raise ValueError(f"topk={shape.topk} must be between 1 and {shape.global_experts} "
+                         "experts")
     device = torch.device(device)
     fp8 = fp8_dtype or default_fp8_dtype(device)
     gen = _generator(device, seed)
@@ -179,12 +198,17 @@ def make_problem(shape: MoEShape, scheme: Scheme | str, M: int,
     w13, s13 = _quantized_weights(E, 2 * N, K, pc, fp8, device, gen)
     w2, s2 = _quantized_weights(E, K, N, pc, fp8, device, gen)
     x = torch.randn(M, K, generator=gen, device=device).to(torch.bfloat16)
-    tw, ids = _routing(M, E, topk, device, gen)
+    tw, ids = _routing(M, shape.global_experts, topk, device, gen)
+    expert_map = None
+    if shape.ep > 1:
+        expert_map = torch.full((shape.global_experts,), -1, dtype=torch.int32, device=device)
+        expert_map[:E] = torch.arange(E, dtype=torch.int32, device=device)
     a13 = a2 = None
     if scheme.static_activations:
         a13 = (x.float().abs().amax() / fp8_max(fp8)).clamp(min=1e-12).reshape(1)
-        a2 = _calibrate_a2(x, w13, s13, ids, a13, N)
-    return MoEProblem(shape, scheme, x, w13, w2, s13, s2, tw, ids, a13, a2)
+        local = ids if expert_map is None else expert_map[ids.long()]
+        a2 = _calibrate_a2(x, w13, s13, local, a13, N)
+    return MoEProblem(shape, scheme, x, w13, w2, s13, s2, tw, ids, a13, a2, expert_map)
 
 
 def make_problems(shape: MoEShape, scheme: Scheme | str, M: int, count: int,
@@ -197,8 +221,8 @@ def make_problems(shape: MoEShape, scheme: Scheme | str, M: int, count: int,
 
 
 def expected_experts_touched(shape: MoEShape, M: int) -> float:
-    """Expected distinct experts hit by M tokens routed uniformly at random."""
-    return shape.E * (1.0 - (1.0 - shape.topk / shape.E) ** M)
+    """Expected distinct local experts hit by M tokens routed uniformly at random."""
+    return shape.E * (1.0 - (1.0 - shape.topk / shape.global_experts) ** M)
 
 
 def set_bytes(shape: MoEShape, M: int, experts: float | None = None) -> float:

@@ -9,9 +9,12 @@ ours (issue 6's "torch grouped-GEMM pipeline"):
 
 It has the reference's quantisation semantics (``reference.reference_moe`` with
 ``quantize_activations=True``), allocates per call like ordinary torch code, never synchronises
-on CUDA and is CUDA-graph capturable. ``torch._scaled_grouped_mm`` exists for CUDA sm90 only;
-elsewhere (CPU tests) the two grouped GEMMs run as a per-expert loop of dequantised float32
-matmuls, which checks everything around them.
+on CUDA and is CUDA-graph capturable. Under expert parallelism (the problem's ``expert_map``)
+pairs of other ranks sort after the local experts' groups, past the last group end, so the
+grouped GEMMs never compute them, and their rows are zeroed before the top-k sum.
+``torch._scaled_grouped_mm`` exists for CUDA sm90 only; elsewhere (CPU tests) the two grouped
+GEMMs run as a per-expert loop of dequantised float32 matmuls, which checks everything around
+them.
 """
 
 from __future__ import annotations
@@ -71,10 +74,19 @@ def _row_scales(scheme: Scheme, w13: torch.Tensor, s13: torch.Tensor, s2: torch.
     return s13.float().contiguous(), s2.float().contiguous()
 
 
+def _local_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, E: int
+               ) -> torch.Tensor:
+    """Local expert slots, with pairs of other ranks (map -1) as ``E``: they sort last."""
+    if expert_map is None:
+        return topk_ids
+    local = expert_map[topk_ids.long()]
+    return torch.where(local < 0, E, local).to(topk_ids.dtype)
+
+
 def _sort_pairs(topk_ids: torch.Tensor, E: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token, slot) pairs sorted by expert: the order, each sorted pair's token, and the
-    int32 group ends per expert."""
+    int32 group ends per expert (ids equal to ``E`` sort past the last end)."""
     flat = topk_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     tok = torch.div(order, topk_ids.shape[1], rounding_mode="floor")
@@ -101,7 +113,7 @@ class TorchGroupedMoE:
 
         def call(p: MoEProblem = problem) -> torch.Tensor:
             xx, _w13, _w2, _s13, _s2, tw, ids = p.tensors()
-            return self.forward(xx, w13, w2, s13, s2, tw, ids, a13, a2)
+            return self.forward(xx, w13, w2, s13, s2, tw, ids, a13, a2, p.expert_map)
 
         return call
 
@@ -113,14 +125,16 @@ class TorchGroupedMoE:
     def forward(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                 s13_rows: torch.Tensor, s2_rows: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor, a13_scale: torch.Tensor | None = None,
-                a2_scale: torch.Tensor | None = None) -> torch.Tensor:
+                a2_scale: torch.Tensor | None = None,
+                expert_map: torch.Tensor | None = None) -> torch.Tensor:
         """bf16 [M, K]; ``s13_rows`` fp32 [E, 2N], ``s2_rows`` fp32 [E, K]."""
         fp8 = w13.dtype
         E, N2, K = w13.shape
         N = N2 // 2
         M, topk = topk_ids.shape
         xq, xs = _quant_rows(x, a13_scale, fp8)
-        order, tok, offs = _sort_pairs(topk_ids, E)
+        local = _local_ids(topk_ids, expert_map, E)
+        order, tok, offs = _sort_pairs(local, E)
         h = _grouped_mm(xq[tok], w13.transpose(-2, -1), xs[tok], s13_rows, offs)
         act = torch.nn.functional.silu(h[:, :N].float()) * h[:, N:].float()
         aq, as_ = _quant_rows(act, a2_scale, fp8)
@@ -128,6 +142,8 @@ class TorchGroupedMoE:
         # routing weight in place and the top-k sum through the unsorted [M, topk, K] view:
         # an fp32 copy of y would be 21 GB at 131072 Qwen tokens
         y.mul_(topk_weights.reshape(-1)[order].to(y.dtype)[:, None])
+        if expert_map is not None:  # rows past the last group end were never computed
+            y = torch.where((local.reshape(-1)[order] < E)[:, None], y, 0)
         unsorted = torch.empty_like(y).index_copy_(0, order, y)
         return unsorted.view(M, topk, K).sum(dim=1, dtype=torch.float32).to(torch.bfloat16)
 
@@ -149,7 +165,8 @@ class GroupedGemmBound:
         static = self.scheme.static_activations
         fp8, N = w13.dtype, w13.shape[1] // 2
         xq, xs = _quant_rows(x, problem.a13_scale if static else None, fp8)
-        _order, tok, offs = _sort_pairs(ids, w13.shape[0])
+        _order, tok, offs = _sort_pairs(_local_ids(ids, problem.expert_map, w13.shape[0]),
+                                        w13.shape[0])
         a1, s1 = xq[tok].contiguous(), xs[tok].contiguous()
         w13_t, w2_t = w13.transpose(-2, -1), w2.transpose(-2, -1)
         h = _grouped_mm(a1, w13_t, s1, s13, offs)

@@ -70,7 +70,7 @@ ROOT = Path(__file__).resolve().parents[3]
 ENV_LIB = "VLLM_MOE_AOT_CUTLASS_LIB"
 DEFAULT_LIB = Path("build") / "vllm_cutlass" / "libvllm_cutlass_moe.so"
 BUILD_SCRIPT = "scripts/build_vllm_cutlass.py"
-ABI_VERSION = 1
+ABI_VERSION = 2  # 2: vllm_cutlass_moe_permute takes the expert map
 #: get_group_gemm_starts runs one thread per expert (as in vLLM)
 MAX_EXPERTS = 1024
 #: status codes of csrc/vllm_cutlass_moe/common.cuh
@@ -88,8 +88,8 @@ _SIGNATURES: dict[str, list] = {
     "vllm_cutlass_problem_sizes_from_expert_offsets": [_P, _P, _P, _I64, _I64, _I64, _I32, _P],
     "vllm_cutlass_shuffle_rows": [_P, _P, _P, _I64, _I64, _I64, _I64, _P],
     "vllm_cutlass_moe_permute_sort_workspace_size": [_I64, _I64, _P],
-    "vllm_cutlass_moe_permute": [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P,
-                                 _P, _P, _SZ, _P, _P, _P, _P],
+    "vllm_cutlass_moe_permute": [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P,
+                                 _P, _P, _P, _SZ, _P, _P, _P, _P],
     "vllm_cutlass_moe_unpermute": [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P],
     "vllm_cutlass_silu_and_mul": [_P, _P, _I64, _I64, _P],
     "vllm_cutlass_static_scaled_fp8_quant": [_P, _P, _P, _I64, _I64, _I64, _I64, _P],
@@ -278,7 +278,13 @@ def check_problem(problem: MoEProblem, scheme: Scheme) -> None:
         raise ValueError("weight scales must be float32")
     if scheme.static_activations and (problem.a13_scale is None or problem.a2_scale is None):
         raise ValueError(f"{scheme.value} needs static a13_scale and a2_scale")
-    devs = {t.device for t in (x, w13, w2, s13, s2, tw, ids)}
+    emap = problem.expert_map
+    if emap is not None and (emap.dtype != torch.int32 or emap.dim() != 1 or
+                             not MAX_EXPERTS >= emap.numel() >= E):
+        raise ValueError(f"expert_map must be int32 [global experts <= {MAX_EXPERTS}], got "
+                         f"{emap.dtype} {tuple(emap.shape)}")
+    devs = {t.device for t in (x, w13, w2, s13, s2, tw, ids, *([emap] if emap is not None
+                                                               else []))}
     if len(devs) != 1 or next(iter(devs)).type != "cuda":
         raise ValueError(f"the vLLM CUTLASS peer runs on one CUDA device; tensors are on "
                          f"{sorted(map(str, devs))}")
@@ -326,9 +332,10 @@ class VllmCutlassMoE:
         self._strides: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self._ready: set[torch.device] = set()
 
-    def _workspace(self, dev: torch.device, M: int, E: int, K: int, N: int, topk: int
-                   ) -> _Workspace:
-        key = (dev, M, E, K, N, topk)
+    def _workspace(self, dev: torch.device, M: int, E: int, K: int, N: int, topk: int,
+                   G: int) -> _Workspace:
+        """``G``: the experts tokens are routed over (E local ones of them under EP)."""
+        key = (dev, M, E, K, N, topk, G)
         if key in self._workspaces:
             return self._workspaces[key]
         R = M * topk
@@ -336,7 +343,7 @@ class VllmCutlassMoE:
         f32 = dict(dtype=torch.float32, device=dev)
         i32 = dict(dtype=torch.int32, device=dev)
         rows = lambda: torch.empty(R, **i32)  # noqa: E731
-        sort_bytes = self.lib.sort_workspace_size(R, E)
+        sort_bytes = self.lib.sort_workspace_size(R, G)
         ws1 = self.lib.moe_mm_workspace_size(R, 2 * N, K, E)
         ws2 = self.lib.moe_mm_workspace_size(R, K, N, E)
         w = _Workspace(
@@ -386,7 +393,8 @@ class VllmCutlassMoE:
             if dev not in self._ready:
                 self.lib.init()
                 self._ready.add(dev)
-            ws = self._workspace(dev, M, E, K, N, topk)
+            G = E if problem.expert_map is None else problem.expert_map.numel()
+            ws = self._workspace(dev, M, E, K, N, topk, G)
             ab1, ab2, c1 = self._stride_tensors(dev, E, K, N)
         s13 = s13.float().contiguous()
         s2 = s2.float().contiguous()
@@ -399,7 +407,7 @@ class VllmCutlassMoE:
         def call(p: MoEProblem = problem) -> torch.Tensor:
             xx, _w13, _w2, _s13, _s2, tw, tids = p.tensors()
             self.forward(xx, w13, w2, s13, s2, tw, tids, a13, a2, out=out, ws=ws,
-                         strides=(ab1, ab2, c1))
+                         strides=(ab1, ab2, c1), expert_map=p.expert_map)
             return out
 
         return call
@@ -440,9 +448,11 @@ class VllmCutlassMoE:
                       ptrs.data_ptr(), ptrs.numel() * 8, gws.data_ptr(), gws.numel(), stream)
 
     def forward(self, x, w13, w2, s13, s2, topk_weights, topk_ids, a13_scale, a2_scale, *,
-                out: torch.Tensor, ws: _Workspace, strides) -> torch.Tensor:
+                out: torch.Tensor, ws: _Workspace, strides,
+                expert_map: torch.Tensor | None = None) -> torch.Tensor:
         """The layer into ``out`` (bf16 [M, K]) on the current stream; ``ws`` from
-        :meth:`_workspace` for this M."""
+        :meth:`_workspace` for this M; ``expert_map`` (int32 [global experts], -1 = another
+        rank) as vLLM passes it under expert parallelism (topk_ids are then global ids)."""
         lib = self.lib
         stream = torch.cuda.current_stream().cuda_stream
         E, N2, K = w13.shape
@@ -461,8 +471,10 @@ class VllmCutlassMoE:
         mm2_out = ws.ws2[:R * K].view(R, K)
         # moe_permute with scratch
         ws.permuted_idx.fill_(R)
+        G = E if expert_map is None else expert_map.numel()
         lib.call("vllm_cutlass_moe_permute", ws.a1q.data_ptr(), topk_ids.data_ptr(),
-                 ws.token_expert_indices.data_ptr(), M, topk, K, E, E, 1, a1q_perm.data_ptr(),
+                 ws.token_expert_indices.data_ptr(), _ptr(expert_map), M, topk, K, G, E, 1,
+                 a1q_perm.data_ptr(),
                  ws.efto.data_ptr(), ws.inv_permuted_idx.data_ptr(), ws.permuted_idx.data_ptr(),
                  ws.sort_ws.data_ptr(), ws.sort_ws.numel(), ws.permuted_experts_id.data_ptr(),
                  ws.sorted_row_idx.data_ptr(), ws.topk_ids_for_sort.data_ptr(), stream)

@@ -53,7 +53,10 @@ class StockProvider:
             w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
             scheme: Scheme | str, a13_scale: torch.Tensor | None = None,
             a2_scale: torch.Tensor | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None,
+            expert_map: torch.Tensor | None = None) -> torch.Tensor:
+        """``expert_map`` (int32 [global experts], -1 = another rank): vLLM's expert
+        parallelism; ``topk_ids`` are then global ids."""
         scheme = Scheme.parse(scheme) if isinstance(scheme, str) else scheme
         E = w13.shape[0]
         if scheme.per_channel_weights:
@@ -67,7 +70,8 @@ class StockProvider:
             static = scheme.static_activations
             a13 = a13_scale.reshape(1) if static and a13_scale is not None else None
             a2 = a2_scale.reshape(1) if static and a2_scale is not None else None
-        y = self._impl(x, w13, w2, topk_weights, topk_ids, scheme.family, s13, s2, a13, a2)
+        y = self._impl(x, w13, w2, topk_weights, topk_ids, scheme.family, s13, s2, a13, a2,
+                       expert_map)
         if out is not None:
             out.copy_(y)
             return out
@@ -86,19 +90,22 @@ class StockProvider:
             if args or kwargs:
                 raise TypeError("provider(problem) takes no other arguments than out=")
             return self.run(*problem.tensors(), scheme=problem.scheme,
-                            a13_scale=problem.a13_scale, a2_scale=problem.a2_scale, out=out)
+                            a13_scale=problem.a13_scale, a2_scale=problem.a2_scale, out=out,
+                            expert_map=problem.expert_map)
         return self.run(problem, *args, out=out, **kwargs)
 
 
 def _vllm_impl() -> Callable[..., torch.Tensor]:
     from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts_impl
 
-    def impl(x, w13, w2, tw, ids, family, s13, s2, a13, a2):
+    def impl(x, w13, w2, tw, ids, family, s13, s2, a13, a2, expert_map=None):
         return fused_experts_impl(
             x, w13, w2, tw, ids, activation="silu", apply_router_weight_on_input=False,
             use_fp8_w8a8=True, use_int8_w8a8=False, use_int8_w8a16=False,
             use_int4_w4a16=False, ocp_mx_scheme=None,
-            per_channel_quant=family == "fp8_ptpc", global_num_experts=-1, expert_map=None,
+            per_channel_quant=family == "fp8_ptpc",
+            global_num_experts=-1 if expert_map is None else expert_map.numel(),
+            expert_map=expert_map,
             w1_scale=s13, w2_scale=s2, w1_zp=None, w2_zp=None, a1_scale=a13, a2_scale=a2,
             block_shape=None, w1_bias=None, w2_bias=None)
 
@@ -108,9 +115,10 @@ def _vllm_impl() -> Callable[..., torch.Tensor]:
 def _vllm_stock_impl() -> Callable[..., torch.Tensor]:
     vllm_stock = importlib.import_module("vllm_stock")
 
-    def impl(x, w13, w2, tw, ids, family, s13, s2, a13, a2):
+    def impl(x, w13, w2, tw, ids, family, s13, s2, a13, a2, expert_map=None):
+        kw = {} if expert_map is None else {"expert_map": expert_map}
         return vllm_stock.fused_experts(x, w13, w2, tw, ids, scheme=family, w13_scale=s13,
-                                        w2_scale=s2, a13_scale=a13, a2_scale=a2)
+                                        w2_scale=s2, a13_scale=a13, a2_scale=a2, **kw)
 
     return impl
 
