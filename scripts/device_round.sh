@@ -6,7 +6,9 @@
 # their logs); profile: per-kernel times ($PROFILE_ARGS lines, ';'-separated); bench: `vllm-moe-aot
 # bench` for both presets (JSON, PNG, stdout; with the configs this call's tune step wrote, if
 # any); peertest: the peers' GPU tests (vLLM CUTLASS, torch); heldout: the default policy's
-# second held-out check (scripts/validate_policy.py --layers held-out-2). Needs carry
+# second held-out check (scripts/validate_policy.py --layers held-out-2); eptest: the EP8 and
+# wide-N GPU tests with the soak, and the peers'; sanitize: the EP8 layers under memcheck and
+# racecheck. Needs carry
 # [".vllm_stock", ".whl", "build/vllm_cutlass"] (the last from scripts/build_vllm_cutlass.py).
 # STEP_TIMEOUT (s, default 560) bounds each step so that the tarball is always written.
 set -u
@@ -33,9 +35,16 @@ for step in $STEPS; do
       # to re-tune some rows); TUNE_PRESETS: which layers (default both)
       mkdir -p "$W/tune"
       [ "${TUNE_UPDATE:-0}" = 1 ] && cp vllm_moe_aot/configs/*.tuned.csv "$W/tune/"
+      # TUNE_INPUTS: more untuned CSVs (paths) to tune beside the presets
+      inputs=()
       for p in ${TUNE_PRESETS:-qwen3.5-397b-a17b_fp8_ptpc_tp8 hy3_fp8_per_tensor_tp8}; do
+        inputs+=("configs/$p.untuned.csv")
+      done
+      for f in ${TUNE_INPUTS:-}; do inputs+=("$f"); done
+      for f in "${inputs[@]}"; do
+        p=$(basename "$f" .untuned.csv)
         # shellcheck disable=SC2086
-        timeout "$T" python3 -m vllm_moe_aot.cli tune -i "configs/$p.untuned.csv" -o "$W/tune/$p.tuned.csv" \
+        timeout "$T" python3 -m vllm_moe_aot.cli tune -i "$f" -o "$W/tune/$p.tuned.csv" \
           --timeout 120 --no-progress ${TUNE_ARGS:-} > "$W/tune/$p.stdout.txt" 2>&1 || rc=1
         tail -22 "$W/tune/$p.stdout.txt"
       done
@@ -60,13 +69,33 @@ for step in $STEPS; do
         python3 scripts/profile_pipeline.py $a 2>&1 | tee "$W/profile/p$i.txt" || rc=1
       done ;;
     bench)
+      # BENCH_LAYERS: ';'-separated "label=bench arguments" (default: both presets at TP8)
       mkdir -p "$W/bench"
-      for p in qwen3.5-397b-a17b hy3; do
-        python3 -m vllm_moe_aot.cli bench --preset "$p" ${BENCH_ARGS:-} \
+      IFS=';' read -ra layers <<< "${BENCH_LAYERS:-qwen3.5-397b-a17b=--preset qwen3.5-397b-a17b;hy3=--preset hy3}"
+      for l in "${layers[@]}"; do
+        p=${l%%=*}
+        # shellcheck disable=SC2086
+        timeout "$T" python3 -m vllm_moe_aot.cli bench ${l#*=} ${BENCH_ARGS:-} \
           --config-dir "${CONFIG_DIR:-vllm_moe_aot/configs}" \
           --json "$W/bench/bench_$p.json" --plot "$W/bench/bench_$p.png" \
           > "$W/bench/bench_$p.txt" 2>&1 || rc=1
         sed -n '/^ *M variant/,$p' "$W/bench/bench_$p.txt"
+      done ;;
+    eptest)
+      # issue 13: EP8 and wide-N GPU tests (with the soak), the peers' GPU tests, and the EP8
+      # layers under memcheck and racecheck
+      mkdir -p "$W/eptest"
+      timeout "$T" python3 -m pytest -q -p no:cacheprovider -s -rA ${EPTEST_ARGS:-} \
+        tests/gpu/test_pipeline_ep_gpu.py tests/gpu/test_vllm_cutlass_gpu.py \
+        tests/gpu/test_torch_peer_gpu.py > "$W/eptest/stdout.txt" 2>&1 || rc=1
+      grep -E "soak|passed|failed|Error" "$W/eptest/stdout.txt" | tail -30 ;;
+    sanitize)
+      mkdir -p "$W/sanitize"
+      for tool in memcheck racecheck; do
+        timeout "$T" compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 99 \
+          --print-limit 20 python3 scripts/sanitize_pipeline.py --layers ep8 \
+          --tokens ${SANITIZE_TOKENS:-37} > "$W/sanitize/$tool.txt" 2>&1 || rc=1
+        grep -E "sanitize|SUMMARY" "$W/sanitize/$tool.txt" | tail -8
       done ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac
