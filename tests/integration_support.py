@@ -300,16 +300,49 @@ class Layer:
         return None if kernel is None else kernel.fused_experts
 
 
+def ep_parallel_config(ep_size: int = 2, ep_rank: int = 0, dp_size: int = 1,
+                       all2all_backend: str = "allgather_reducescatter"):
+    """vLLM's ``FusedMoEParallelConfig`` of one rank under expert parallelism, as
+    ``FusedMoEParallelConfig.make`` gives it with ``--enable-expert-parallel`` (TP folded into
+    EP: ``tp_size`` 1). ``dp_size`` 1: EP over TP ranks, no all2all (tokens replicated);
+    ``dp_size`` > 1: ``all2all_backend`` dispatches."""
+    from vllm.model_executor.layers.fused_moe.config import FusedMoEParallelConfig
+
+    return FusedMoEParallelConfig(tp_size=1, tp_rank=0, pcp_size=1, pcp_rank=0,
+                                  dp_size=dp_size, dp_rank=0, ep_size=ep_size,
+                                  ep_rank=ep_rank, sp_size=1, use_ep=True,
+                                  all2all_backend=all2all_backend, enable_eplb=False)
+
+
+@contextlib.contextmanager
+def parallel_config(config):
+    """Layers built inside get ``config`` as their ``FusedMoEParallelConfig`` (vLLM's
+    ``FusedMoEFactory`` would ask the distributed groups, which a CPU test has none of).
+    The DeepEP / NIXL hidden-size roundings need those packages (absent here): K unchanged."""
+    from unittest import mock
+
+    import vllm.model_executor.layers.fused_moe.all2all_utils as all2all_utils
+    import vllm.model_executor.layers.fused_moe.layer as moe_layer
+
+    with mock.patch.object(moe_layer, "make_parallel_config", lambda **kw: config), \
+            mock.patch.object(all2all_utils, "maybe_roundup_layer_hidden_size",
+                              lambda hidden_size, act_dtype, moe_parallel_config: hidden_size):
+        yield config
+
+
 def make_layer(kind: str, E: int, K: int, N: int, topk: int, seed: int = 0,
-               load: bool = True) -> Layer:
-    """Create an FP8 MoE layer of ``kind`` and, with ``load``, fill it with random weights and
-    run its ``process_weights_after_loading`` (must be inside :func:`cpu_vllm`)."""
+               load: bool = True, parallel=None) -> Layer:
+    """Create an FP8 MoE layer of ``kind`` (``E`` global experts) and, with ``load``, fill it
+    with random weights and run its ``process_weights_after_loading`` (must be inside
+    :func:`cpu_vllm`). ``parallel``: the layer's ``FusedMoEParallelConfig``
+    (:func:`ep_parallel_config`), else no parallelism."""
     from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory
 
-    runner = FusedMoEFactory(num_experts=E, top_k=topk, hidden_size=K, intermediate_size=N,
-                             params_dtype=torch.bfloat16, quant_config=quant_config(kind),
-                             tp_size=1, dp_size=1, pcp_size=1,
-                             prefix=f"model.layers.{next(_prefixes)}.mlp.experts")
+    with parallel_config(parallel) if parallel is not None else contextlib.nullcontext():
+        runner = FusedMoEFactory(num_experts=E, top_k=topk, hidden_size=K,
+                                 intermediate_size=N, params_dtype=torch.bfloat16,
+                                 quant_config=quant_config(kind), tp_size=1, dp_size=1,
+                                 pcp_size=1, prefix=f"model.layers.{next(_prefixes)}.mlp.experts")
     layer = Layer(kind, runner, runner.routed_experts)
     if load:
         load_random_weights(layer, seed)
@@ -351,21 +384,30 @@ def routing(M: int, E: int, topk: int, seed: int = 0) -> tuple[torch.Tensor, tor
 
 
 def forward(layer: Layer, x: torch.Tensor, topk_weights: torch.Tensor,
-            topk_ids: torch.Tensor) -> torch.Tensor:
-    """The layer's modular kernel (prepare -> experts -> finalize) on given routing."""
+            topk_ids: torch.Tensor, expert_map: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's modular kernel (prepare -> experts -> finalize) on given routing, with the
+    layer's own ``expert_map`` (None without EP), or ``expert_map`` when given."""
     ex = layer.experts
-    return layer.method.apply(ex, x, topk_weights, topk_ids, None, None)
+    if expert_map is None:
+        return layer.method.apply(ex, x, topk_weights, topk_ids, None, None)
+    return layer.method.moe_kernel.apply(
+        hidden_states=x, w1=ex.w13_weight, w2=ex.w2_weight, topk_weights=topk_weights,
+        topk_ids=topk_ids, activation=ex.activation, global_num_experts=ex.global_num_experts,
+        expert_map=expert_map, apply_router_weight_on_input=False)
 
 
-def reference(layer: Layer, x, topk_weights, topk_ids, quantize_activations: bool = True):
-    """float64 reference of the layer as loaded (scales as the experts object holds them)."""
+def reference(layer: Layer, x, topk_weights, topk_ids, quantize_activations: bool = True,
+              expert_map: torch.Tensor | None = None, act_group: int = 0):
+    """float64 reference of the layer as loaded (scales as the experts object holds them);
+    under EP ``topk_ids`` are global ids and ``expert_map`` maps them to the local experts."""
     from vllm_moe_aot.measure.reference import reference_moe
 
     qc = layer.fused_experts.quant_config
     ex = layer.experts
     return reference_moe(x, ex.w13_weight, ex.w2_weight, qc.w1_scale, qc.w2_scale,
                          topk_weights, topk_ids, scheme_of(layer.kind), qc.a1_scale,
-                         qc.a2_scale, quantize_activations=quantize_activations)
+                         qc.a2_scale, quantize_activations=quantize_activations,
+                         expert_map=expert_map, act_group=act_group)
 
 
 # --- tuned configs and the pipeline ------------------------------------------------------------

@@ -76,3 +76,21 @@ def test_for_layer_prefers_rows_then_policy(tmp_path):
 def test_restricted_to_replaces_unserved_choices():
     t = DispatchTable([(1, "a"), (8, "b"), (64, "stock")], origin="default").restricted_to({"a"})
     assert t.describe() == [(1, "a"), (8, "stock"), (64, "stock")] and t.origin == "default"
+
+
+@pytest.mark.parametrize("preset", [QWEN, HY3])
+def test_untuned_ep_layers_get_no_default_entries(preset, tmp_path):
+    """The survey ran every layer with all its experts local: an EP rank's layer (here the
+    preset under -dp 8 --enable-expert-parallel) gets no policy entries, and its dispatch table
+    is empty (stock everywhere) until it is tuned."""
+    s = preset.shape
+    ep = MoEShape(E=s.E // 8, K=s.K, N=s.N * 8, topk=s.topk, ep=8)
+    d = default_dispatch(ep, preset.scheme, "sm_90a", 132)
+    assert d.entries == () and not d.uses_aot
+    assert "measured without expert parallelism" in d.reason and "ep=8" in d.reason
+    # the same layer without EP would have had entries
+    assert default_dispatch(preset.shape, preset.scheme, "sm_90a", 132).entries
+    table = DispatchTable.for_layer(ep, preset.scheme, "NVIDIA H200", "sm_90a", tmp_path,
+                                    sm_count=132)
+    assert table.is_empty and table.origin == "none" and table.choose(1) == "stock"
+    assert "without expert parallelism" in table.source

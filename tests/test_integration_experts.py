@@ -180,8 +180,7 @@ def test_apply_routes_untuned_batches_to_stock_quantised_like_vllm(kind, plugin_
     assert len(stock.calls) == 2
 
 
-def test_route_sends_expert_parallel_and_unusual_calls_to_stock(plugin_on, fake_ops,
-                                                                tuned_dir, pipeline_kind):
+def test_route_sends_unusual_calls_to_stock(plugin_on, fake_ops, tuned_dir, pipeline_kind):
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
     v1, v2 = support.pick_variants(SHAPE, Scheme.FP8_PTPC, pipeline_kind)
@@ -194,8 +193,12 @@ def test_route_sends_expert_parallel_and_unusual_calls_to_stock(plugin_on, fake_
     assert experts.route(x, tw, ids, silu, None, False) == v1
     assert experts.route(x.repeat(9, 1), tw.repeat(9, 1), ids.repeat(9, 1), silu, None,
                          False) == "stock"  # beyond the largest tuned M: its choice
+    # an expert_map over the layer's experts goes to the pipeline (expert parallelism:
+    # tests/test_integration_ep.py); one it would not take is stock
     expert_map = torch.arange(SHAPE.E, dtype=torch.int32)
-    assert experts.route(x, tw, ids, silu, expert_map, False) == "stock"
+    assert experts.route(x, tw, ids, silu, expert_map, False) == v1
+    assert experts.route(x, tw, ids, silu, expert_map.long(), False) == "stock"
+    assert experts.route(x, tw, ids, silu, expert_map[:8], False) == "stock"
     assert experts.route(x, tw, ids, silu, None, True) == "stock"
     assert experts.route(x, tw, ids.long(), silu, None, False) == "stock"
     assert experts.route(x, tw.double(), ids, silu, None, False) == "stock"

@@ -114,7 +114,7 @@ def test_unknown_variable_leaves_vllm_alone(monkeypatch, moe_logs):
         _reset_log_once()
 
 
-def test_explicit_moe_backend_expert_parallel_and_other_methods_defer(plugin_on, moe_logs):
+def test_explicit_moe_backend_ep_formats_and_other_methods_defer(plugin_on, moe_logs):
     import sys
 
     import torch
@@ -132,10 +132,18 @@ def test_explicit_moe_backend_expert_parallel_and_other_methods_defer(plugin_on,
         why = hook.unsupported_reason(fp8_module, explicit, *static)
         assert why is not None and "--moe-backend triton" in why
 
-        ep = dataclasses.replace(config, moe_parallel_config=dataclasses.replace(
-            config.moe_parallel_config, use_ep=True, ep_size=2))
-        why = hook.unsupported_reason(fp8_module, ep, *static)
-        assert why is not None and "parallel config" in why
+        # expert parallelism in the standard format is taken (8 of 16 experts on this rank);
+        # an all2all backend with its own dispatch, or an uneven split, is not
+        ep_pc = dataclasses.replace(config.moe_parallel_config, use_ep=True, ep_size=2)
+        ep = dataclasses.replace(config, moe_parallel_config=ep_pc, num_local_experts=8)
+        assert hook.unsupported_reason(fp8_module, ep, *static) is None
+        deepep = dataclasses.replace(ep, moe_parallel_config=dataclasses.replace(
+            ep_pc, dp_size=2, all2all_backend="deepep_high_throughput"))
+        why = hook.unsupported_reason(fp8_module, deepep, *static)
+        assert why is not None and "deepep_high_throughput all2all backend" in why
+        uneven = dataclasses.replace(ep, num_experts=15)
+        why = hook.unsupported_reason(fp8_module, uneven, *static)
+        assert why is not None and "uneven expert split: 15 experts over ep=2" in why
 
         fp16 = dataclasses.replace(config, in_dtype=torch.float16)
         why = hook.unsupported_reason(fp8_module, fp16, *static)

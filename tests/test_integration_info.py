@@ -132,3 +132,29 @@ def test_devices_in_configs_filters_by_layer(tmp_path):
     qwen = PRESETS["qwen3.5-397b-a17b"]
     assert info.devices_in_configs([path], qwen.shape, qwen.scheme) == []
     assert info.devices_in_configs([path], hy3.shape, Scheme.FP8_PER_TENSOR_DYNAMIC) == [H100]
+
+
+def test_info_lists_tuned_layers_that_are_not_presets_with_their_ep(tmp_path):
+    """Rows tuned for an expert-parallel layer (hy3 at EP8: 24 of 192 experts per rank) are a
+    layer of their own: listed with ",ep=8" in the shape and their buckets."""
+    from tests.integration_support import write_tuned
+    from vllm_moe_aot.shapes import MoEShape
+
+    _tuned_rows(tmp_path)
+    ep8 = MoEShape(E=24, K=4096, N=1536, topk=8, ep=8)
+    write_tuned(tmp_path, ep8, Scheme.FP8_PER_TENSOR_STATIC, {1: "gemv_a", 64: "stock"},
+                gpu=H100[0], arch=H100[1], name="hy3_fp8_per_tensor_tp1_ep8.tuned.csv")
+    assert info.layers_in_configs(info.tuned_config_files(tmp_path)) == [
+        (ep8, Scheme.FP8_PER_TENSOR_STATIC), (PRESETS["hy3"].shape, Scheme.FP8_PER_TENSOR_STATIC)]
+    proc = _run_info("--config-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    hy3 = out[out.index("preset hy3"):out.index("preset qwen3.5")]
+    assert "ep=" not in hy3 and "3 of 4 tuned M buckets" in hy3  # the preset: its own rows
+    layer = out[out.index("layer E=24,K=4096,N=1536,topk=8,ep=8 fp8_per_tensor "
+                          "(from the tuned configs)"):]
+    assert f"{H100[0]} ({H100[1]}):" in layer and "aot    gemv_a" in layer
+    assert "M <= 64 (and above)" in layer and "1 of 2 tuned M buckets" in layer
+    assert out.count("\nlayer ") == 1  # the preset's layer is not listed twice
+    only = _run_info("--preset", "hy3", "--config-dir", str(tmp_path))
+    assert only.returncode == 0 and "ep=8" not in only.stdout  # --preset: the presets only

@@ -53,6 +53,31 @@ def test_tune_hint_names_the_untuned_file(tmp_path):
         in tune_hint(SHAPE, Scheme.FP8_PTPC, 1, tmp_path)
 
 
+def test_tune_hint_under_expert_parallelism(tmp_path):
+    """An EP layer's rows come from a tune with --ep (its shape, keyed ep, is another layer)."""
+    from vllm_moe_aot.integration.metadata import tune_hint
+    from vllm_moe_aot.shapes import PRESETS
+
+    hy3_ep8 = MoEShape(E=24, K=4096, N=1536, topk=8, ep=8)  # hy3 at -dp 8 (or -tp 2 -dp 4) EP
+    assert tune_hint(hy3_ep8, Scheme.FP8_PER_TENSOR_STATIC, 2, tmp_path) == (
+        f"python -m vllm_moe_aot.cli.configs --generate --tp 2 --ep 8 --config-dir {tmp_path}, "
+        f"then vllm-moe-aot tune -i {tmp_path}/hy3_fp8_per_tensor_tp2_ep8.untuned.csv "
+        f"-o {tmp_path}/hy3_fp8_per_tensor_tp2_ep8.tuned.csv")
+    # an untuned file of this layer at another TP size holds the same rows: tune that one
+    (tmp_path / "hy3_fp8_per_tensor_tp1_ep8.untuned.csv").write_text("")
+    assert tune_hint(hy3_ep8, Scheme.FP8_PER_TENSOR_STATIC, 2, tmp_path) == (
+        f"vllm-moe-aot tune -i {tmp_path}/hy3_fp8_per_tensor_tp1_ep8.untuned.csv "
+        f"-o {tmp_path}/hy3_fp8_per_tensor_tp1_ep8.tuned.csv")
+    # hy3's layer without EP is another layer: its own file
+    (tmp_path / "hy3_fp8_per_tensor_tp8.untuned.csv").write_text("")
+    assert "tp8.untuned.csv" in tune_hint(PRESETS["hy3"].shape, Scheme.FP8_PER_TENSOR_STATIC,
+                                          8, tmp_path)
+    other = MoEShape(E=4, K=128, N=64, topk=3, ep=2)
+    assert tune_hint(other, Scheme.FP8_PTPC, None, tmp_path) == (
+        "vllm-moe-aot tune --model <checkpoint or config.json> --tp <T> --ep 2 --scheme "
+        "fp8_ptpc --config-dir <dir>, then serve with VLLM_MOE_AOT_CONFIG_DIR=<dir>")
+
+
 def test_layers_of_one_shape_share_pipeline_and_table(tmp_path, monkeypatch):
     """Sixty layers of one model: one pipeline (one workspace) and one dispatch table."""
     import vllm_moe_aot.pipeline as pipeline

@@ -26,8 +26,8 @@ from vllm_moe_aot.shapes import MoEShape, Scheme
 
 __all__ = ["INTERPRETER_ARCH", "PlatformInfo", "code_objects_per_target",
            "config_dir", "config_dir_arg", "cuda_arch", "describe_dispatch", "detect_platform",
-           "devices_in_configs", "manifest_path", "platform_info", "read_code_objects",
-           "summary_line", "tuned_config_files"]
+           "devices_in_configs", "layers_in_configs", "manifest_path", "platform_info",
+           "read_code_objects", "summary_line", "tuned_config_files"]
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,23 @@ def devices_in_configs(files: list[Path], shape: MoEShape | None = None,
             continue
         seen.update(r.device_key() for r in rows if layer is None or r.key.layer() == layer)
     return sorted(seen)
+
+
+def layers_in_configs(files: list[Path]) -> list[tuple[MoEShape, Scheme]]:
+    """Distinct layers the tuned CSVs hold rows for, as ``(shape, scheme)`` (the scheme a
+    family is tuned with), in the order first seen; an expert-parallel layer's shape has its
+    ``ep`` (``E=..,topk=..,ep=8``). Malformed rows are skipped here."""
+    from vllm_moe_aot.dispatch.configs import read_tuned, scheme_of_family
+
+    seen: dict[tuple, tuple[MoEShape, Scheme]] = {}
+    for path in files:
+        try:
+            rows, _issues = read_tuned(path)
+        except Exception:
+            continue
+        for r in rows:
+            seen.setdefault(r.key.layer(), (r.key.shape, scheme_of_family(r.key.scheme)))
+    return list(seen.values())
 
 
 def describe_dispatch(shape: MoEShape, scheme: Scheme, gpu_name: str, arch: str,

@@ -22,12 +22,13 @@ from vllm_moe_aot.info import (
     describe_dispatch,
     detect_platform,
     devices_in_configs,
+    layers_in_configs,
     manifest_path,
     read_code_objects,
     tuned_config_files,
 )
 from vllm_moe_aot.integration import CONFIG_DIR_ENV, ENV_VAR
-from vllm_moe_aot.shapes import PRESETS, Preset
+from vllm_moe_aot.shapes import PRESETS, MoEShape, Preset, Scheme
 
 
 def _version(dist: str) -> str:
@@ -86,25 +87,45 @@ def run(args: argparse.Namespace) -> int:
     if not files:
         print("  none", file=out)
 
+    preset_layers = set()
     status = 0
     for name in args.preset or sorted(PRESETS):
         preset: Preset = PRESETS[name]
+        preset_layers.add((preset.shape, preset.scheme.family))
         print(f"preset {preset.name} ({preset.model}): {preset.shape} {preset.scheme.value}",
               file=out)
-        if info.has_gpu:
-            devices = [(info.gpu_name, info.arch)]
-        else:
-            devices = devices_in_configs(files, preset.shape, preset.scheme)
-            if not devices:
-                print("  no tuned rows for any GPU: every M runs stock", file=out)
-        for gpu_name, arch in devices:
-            print(f"  {gpu_name} ({arch}):", file=out)
-            try:
-                lines = describe_dispatch(preset.shape, preset.scheme, gpu_name, arch,
-                                          config_dir_arg(args.config_dir))
-            except Exception as exc:  # report it and go on with the other presets
-                lines = [f"cannot build the dispatch table: {type(exc).__name__}: {exc}"]
-                status = 1
-            for line in lines:
-                print(f"    {line}", file=out)
+        status |= _print_dispatch(preset.shape, preset.scheme, info, files, args.config_dir)
+    if not args.preset:
+        # layers of the tuned configs that are not a preset's (another TP size, expert
+        # parallelism: the shape then ends in ",ep=<ranks>", a model tuned with --model)
+        for shape, scheme in layers_in_configs(files):
+            if (shape, scheme.family) in preset_layers:
+                continue
+            print(f"layer {shape} {scheme.family} (from the tuned configs)", file=out)
+            status |= _print_dispatch(shape, scheme, info, files, args.config_dir)
+    return status
+
+
+def _print_dispatch(shape: MoEShape, scheme: Scheme, info, files: list[Path],
+                    config_dir_override: str | None) -> int:
+    """The layer's M buckets on this GPU, or on every GPU the configs hold rows for; 1 when
+    its dispatch table could not be built."""
+    out = sys.stdout
+    if info.has_gpu:
+        devices = [(info.gpu_name, info.arch)]
+    else:
+        devices = devices_in_configs(files, shape, scheme)
+        if not devices:
+            print("  no tuned rows for any GPU: every M runs stock", file=out)
+    status = 0
+    for gpu_name, arch in devices:
+        print(f"  {gpu_name} ({arch}):", file=out)
+        try:
+            lines = describe_dispatch(shape, scheme, gpu_name, arch,
+                                      config_dir_arg(config_dir_override))
+        except Exception as exc:  # report it and go on with the other layers
+            lines = [f"cannot build the dispatch table: {type(exc).__name__}: {exc}"]
+            status = 1
+        for line in lines:
+            print(f"    {line}", file=out)
     return status

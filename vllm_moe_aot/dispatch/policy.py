@@ -9,7 +9,9 @@ table holds the candidate whose *worst* speedup over stock across the class's su
 is largest, if that worst speedup is at least ``1 + POLICY_MARGIN``, else ``stock``.
 
 A layer gets the policy's choices only where it resembles what was measured: same target arch,
-a class that was surveyed, E, K and N within a factor of two of the class's surveyed range.
+a class that was surveyed, E, K and N within a factor of two of the class's surveyed range, and
+no expert parallelism (the survey ran every layer with all its experts local; an EP layer
+needs tuned rows, which its tuning hint names).
 Everything else is stock: where no variant was shown to beat stock, none is assumed to.
 Between measured token counts a batch takes the choice of the next larger one (as tuned rows
 do); a chosen variant that does not serve the layer (the build's ``serves`` check, applied by
@@ -153,6 +155,12 @@ def default_dispatch(shape: MoEShape, scheme: Scheme | str, arch: str,
 
     Empty ``entries`` mean stock at every batch size; ``reason`` says why in either case.
     """
+    if shape.ep > 1:
+        # every surveyed layer held all its experts: under EP a rank runs only the pairs
+        # routed to its E local experts (about topk / ep per token), a workload nobody measured
+        return PolicyDecision((), f"the default policy was measured without expert "
+                                  f"parallelism (this layer: ep={shape.ep}), so it is not "
+                                  "assumed for EP layers")
     rows = load_policy() if rows is None else rows
     family, n_max, topk_max = layer_class(shape, scheme)
     on_arch = [r for r in rows if r.arch == arch]

@@ -26,6 +26,13 @@ to the delegate are quantised inside ``apply`` with vLLM's own ``moe_kernel_quan
 the layer's quant config, exactly the call vLLM's prepare step would have made, then handed to
 the delegate. The AOT path allocates nothing and never synchronises; the delegate allocates
 what it always allocates.
+
+Expert parallelism: layers in vLLM's standard activation format are taken (EP without DP, where
+every rank sees all tokens, and EP over the all-gather / reduce-scatter path); the shape's
+``E`` is the rank's local experts and ``ep`` vLLM's ``ep_size``, and ``apply`` hands vLLM's
+``expert_map`` to the pipeline. Layers whose all2all backend dispatches with its own kernels
+(DeepEP, MoRI, NIXL, FlashInfer NVLink, MoonEP, passthrough; some in the batched format) stay
+with vLLM (:func:`parallel_unsupported_reason`), as do uneven expert splits.
 """
 
 from __future__ import annotations
@@ -96,10 +103,70 @@ def vllm_platform_info() -> PlatformInfo:
 
 
 def layer_shape(moe_config: FusedMoEConfig) -> MoEShape:
-    """The per-rank shape: local experts, hidden, intermediate per partition, top-k."""
+    """The per-rank shape: local experts, hidden, intermediate per partition, top-k, and the
+    expert-parallel ranks (``ep_size`` under ``use_ep``, else 1)."""
+    pc = moe_config.moe_parallel_config
     return MoEShape(E=moe_config.num_local_experts, K=moe_config.hidden_dim,
                     N=moe_config.intermediate_size_per_partition,
-                    topk=moe_config.experts_per_token)
+                    topk=moe_config.experts_per_token, ep=pc.ep_size if pc.use_ep else 1)
+
+
+def expert_split_problem(moe_config: FusedMoEConfig) -> str | None:
+    """Why the layer's expert counts do not fit ``MoEShape`` (None when they do): the pipeline
+    takes ``E`` local experts of ``E * ep`` global ones (vLLM's ``num_experts``, redundant
+    EPLB experts included), the same count on every rank. vLLM spreads experts unevenly when
+    ``ep`` does not divide them (some ranks hold one more)."""
+    shape = layer_shape(moe_config)
+    G = moe_config.num_experts
+    if G == shape.global_experts:
+        return None
+    if shape.ep > 1 and G % shape.ep:
+        return (f"uneven expert split: {G} experts over ep={shape.ep} ranks, {shape.E} on "
+                "this rank (the pipeline takes the same number of experts on every rank)")
+    return (f"{shape.E} experts on this rank with ep={shape.ep} do not make the layer's {G} "
+            "global experts")
+
+
+#: what the all2all backends do with the tokens, for the reason a layer stays with vLLM
+_ALL2ALL_KIND = {
+    "deepep_high_throughput": "DeepEP high-throughput dispatch/combine",
+    "deepep_low_latency": "DeepEP low-latency dispatch/combine, batched activation format",
+    "deepep_v2": "DeepEP v2 dispatch/combine",
+    "mori_high_throughput": "MoRI dispatch/combine",
+    "mori_low_latency": "MoRI dispatch/combine",
+    "moonep": "MoonEP dispatch/combine with redundant experts",
+    "nixl_ep": "NIXL EP dispatch/combine, batched activation format",
+    "flashinfer_all2allv": "FlashInfer NVLink two-sided all2all",
+    "flashinfer_nvlink_two_sided": "FlashInfer NVLink two-sided all2all",
+    "flashinfer_nvlink_one_sided": "FlashInfer NVLink one-sided all2all",
+}
+
+
+def parallel_unsupported_reason(pc: FusedMoEParallelConfig) -> str | None:
+    """Why ``AotExperts`` cannot run under this parallel config (None when it can).
+
+    It takes vLLM's standard activation format: ``[M, K]`` tokens, ``topk_ids`` of global
+    experts and vLLM's ``expert_map``. That is TP/DP without EP, EP without an all2all
+    (``not use_all2all_kernels``: EP over TP ranks, tokens replicated, the output all-reduced)
+    and EP over the all-gather / reduce-scatter path (``use_ag_rs_all2all_kernels``). Every
+    other all2all backend dispatches and combines with its own kernels (and some in the
+    batched format): those layers stay with vLLM.
+    """
+    backend = pc.all2all_backend
+    if pc.use_passthrough_all2all:
+        return (f"all2all backend {backend} (the experts dispatch and combine themselves; "
+                "AotExperts takes the standard activation format only)")
+    if pc.use_batched_activation_format or (pc.use_all2all_kernels
+                                            and not pc.use_ag_rs_all2all_kernels):
+        kind = _ALL2ALL_KIND.get(backend, "its own dispatch/combine")
+        if pc.use_batched_activation_format and "batched" not in kind:
+            kind += ", batched activation format"
+        return (f"expert parallelism with the {backend} all2all backend ({kind}): AotExperts "
+                "takes the standard activation format only (EP without DP, or "
+                "allgather_reducescatter)")
+    if not TritonExperts._supports_parallel_config(pc):  # the default delegate must run it
+        return f"all2all backend {backend} (vLLM's TritonExperts does not support it)"
+    return None
 
 
 def scheme_for_quant_config(qc: FusedMoEQuantConfig) -> Scheme:
@@ -133,12 +200,18 @@ def layer_unsupported_reason(moe_config: FusedMoEConfig, weight_key: QuantKey | 
     if any(v is not None for v in (moe_config.swiglu_limit, moe_config.swiglu_alpha,
                                     moe_config.swiglu_beta)):
         return "SwiGLU limit/alpha/beta"
+    reason = parallel_unsupported_reason(moe_config.moe_parallel_config)
+    if reason is not None:
+        return reason
     from vllm.config import get_current_vllm_config_or_none
 
     vllm_config = get_current_vllm_config_or_none()
     if vllm_config is not None and vllm_config.parallel_config.enable_dbo:
         return ("dual-batch overlap (two micro-batches at once would share the pipeline's "
                 "workspace)")
+    reason = expert_split_problem(moe_config)
+    if reason is not None:
+        return reason
     reason = unsupported_reason(layer_shape(moe_config), scheme)
     return None if reason is None else f"shape {layer_shape(moe_config)}: {reason}"
 
@@ -263,6 +336,10 @@ class AotExperts(mk.FusedMoEExpertsModular):
         device = vllm_platform_info()
         if not device.supported:
             return False, f"kernel does not support this device: {device.note}"
+        # before vLLM's generic checks, whose reason would be the whole parallel config
+        reason = parallel_unsupported_reason(moe_config.moe_parallel_config)
+        if reason is not None:
+            return False, reason
         supported, reason = mk.FusedMoEExperts.is_supported_config(
             cls, moe_config, weight_key, activation_key, activation_format)
         if not supported:
@@ -293,10 +370,9 @@ class AotExperts(mk.FusedMoEExpertsModular):
 
     @staticmethod
     def _supports_parallel_config(moe_parallel_config: FusedMoEParallelConfig) -> bool:
-        # Expert parallelism would send every batch to stock (expert_map) and dispatch bf16
-        # instead of fp8 tokens: leave EP layers to vLLM's own choice.
-        return (not moe_parallel_config.use_ep
-                and TritonExperts._supports_parallel_config(moe_parallel_config))
+        # TP, DP, and EP in the standard activation format (no all2all, or all-gather /
+        # reduce-scatter): parallel_unsupported_reason says why not for the rest
+        return parallel_unsupported_reason(moe_parallel_config) is None
 
     @staticmethod
     def _supports_batch_invariance() -> bool:
@@ -312,6 +388,10 @@ class AotExperts(mk.FusedMoEExpertsModular):
             return
         shape = layer_shape(self.moe_config)
         try:
+            problem = (parallel_unsupported_reason(self.moe_config.moe_parallel_config)
+                       or expert_split_problem(self.moe_config))
+            if problem is not None:  # built without the oracle's support check
+                raise ValueError(problem)
             qc = self.quant_config
             scheme = scheme_for_quant_config(qc)
             from vllm_moe_aot.info import config_dir_arg
@@ -320,13 +400,24 @@ class AotExperts(mk.FusedMoEExpertsModular):
                 shape, scheme, qc.w1_scale, qc.w2_scale, qc.a1_scale, qc.a2_scale,
                 max_tokens=max(1, min(DEFAULT_MAX_TOKENS, self.moe_config.max_num_tokens)),
                 config_directory=config_dir_arg(),
-                tp_size=self.moe_config.tp_size,
+                tp_size=self._tune_tp_size(),
             )
         except Exception as exc:  # anything at all: this layer runs stock, once said why
             self.fallback_reason = f"{type(exc).__name__}: {exc}"
             log_once(logger, logging.WARNING,
                      f"vllm-moe-aot: MoE layer {shape} runs {self.stock_name} at every batch "
                      f"size: {self.fallback_reason}")
+
+    def _tune_tp_size(self) -> int | None:
+        """The ``--tp`` of the tuning command this layer's hint names: the TP partitions of
+        N without EP (vLLM flattens DP x TP into the MoE's ``tp_size``); under EP, where the
+        MoE's ``tp_size`` is 1, vLLM's ``--tensor-parallel-size`` (None when unknown)."""
+        if not self.moe_config.moe_parallel_config.use_ep:
+            return self.moe_config.tp_size
+        from vllm.config import get_current_vllm_config_or_none
+
+        vllm_config = get_current_vllm_config_or_none()
+        return None if vllm_config is None else vllm_config.parallel_config.tensor_parallel_size
 
     def _give_up(self, reason: str) -> None:
         """From now on this layer runs stock (and vLLM quantises its input again)."""
@@ -342,6 +433,13 @@ class AotExperts(mk.FusedMoEExpertsModular):
     def expects_unquantized_inputs(self) -> bool:
         # Only when some batch size may go to the pipeline, which quantises its input itself;
         # otherwise vLLM's prepare step does what it does for the delegate.
+        # The trade-off under DP (EP or not) on the all-gather / reduce-scatter path: vLLM's
+        # prepare quantises before it gathers, so with this True every rank's tokens cross the
+        # links as bf16 (2 bytes per element) instead of fp8 plus scales (1 byte, and one fp32
+        # per token for the per-token schemes). The pipeline takes bf16 [M, K] and quantises
+        # per scheme itself (so stock batches are quantised again in apply); for the decode
+        # and small prefill batches the pipeline is tuned for, the gathered bytes are small
+        # beside the expert weights read.
         if self.metadata is not None and self.metadata.uses_pipeline:
             return True
         return self.stock.expects_unquantized_inputs
@@ -364,14 +462,29 @@ class AotExperts(mk.FusedMoEExpertsModular):
 
     def route(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, activation: MoEActivation,
-              expert_map: torch.Tensor | None, apply_router_weight_on_input: bool) -> str:
-        """``"stock"`` or the pipeline variant for this call (host-side checks only)."""
+              expert_map: torch.Tensor | None, apply_router_weight_on_input: bool,
+              global_num_experts: int = -1) -> str:
+        """``"stock"`` or the pipeline variant for this call (host-side checks only: attribute
+        reads, no device work). Under expert parallelism ``topk_ids`` are global ids and
+        ``expert_map`` (vLLM's: int32 over the global experts, global id -> local slot, -1 on
+        another rank) goes to the pipeline; an EP layer without one, or a map the pipeline
+        would not take, runs stock."""
         md = self.metadata
-        if (md is None or not md.uses_pipeline or expert_map is not None
+        if (md is None or not md.uses_pipeline
                 or apply_router_weight_on_input or activation != MoEActivation.SILU
                 or self.post_gemm2_hook is not None
                 or hidden_states.dtype != torch.bfloat16 or not hidden_states.is_contiguous()
                 or topk_ids.dtype != torch.int32 or topk_weights.dtype != torch.float32):
+            return STOCK
+        G = md.shape.global_experts
+        if global_num_experts not in (-1, G):
+            return STOCK
+        if expert_map is None:
+            if md.shape.ep != 1:
+                return STOCK  # global ids without their map
+        elif (expert_map.dtype != torch.int32 or expert_map.dim() != 1
+              or expert_map.numel() != G or not expert_map.is_contiguous()
+              or expert_map.device != hidden_states.device):
             return STOCK
         return md.choose(hidden_states.size(0))
 
@@ -394,12 +507,13 @@ class AotExperts(mk.FusedMoEExpertsModular):
         apply_router_weight_on_input: bool,
     ):
         variant = self.route(hidden_states, topk_weights, topk_ids, activation, expert_map,
-                             apply_router_weight_on_input)
+                             apply_router_weight_on_input, global_num_experts)
         if variant != STOCK:
             md = self.metadata
             try:
                 md.pipeline.run(variant, hidden_states, w1, w2, md.w13_scale, md.w2_scale,
-                                topk_weights, topk_ids, output, md.a13_scale, md.a2_scale)
+                                topk_weights, topk_ids, output, md.a13_scale, md.a2_scale,
+                                expert_map=expert_map)
                 return None
             except Exception as exc:  # e.g. code objects that do not match this package
                 self._give_up(f"the pipeline failed running {variant!r} at M="

@@ -68,29 +68,43 @@ def normalize_activation_scale(scale: torch.Tensor | None, name: str) -> torch.T
 
 def tune_hint(shape: MoEShape, scheme: Scheme, tp_size: int | None,
               directory: Path | None = None) -> str:
-    """The command(s) that would produce tuned rows for this layer shape."""
+    """The command(s) that would produce tuned rows for this layer shape.
+
+    A preset's layer (at some TP size, or under EP at ``shape.ep`` ranks) is tuned from its
+    untuned CSV: the one in ``directory`` if there is one (first for ``tp_size``), else after
+    generating it. Any other layer from the model's ``config.json`` (``--tp``, and ``--ep``
+    under expert parallelism, where ``tp`` only names the file)."""
     from vllm_moe_aot.dispatch.configs import preset_shape, untuned_name
 
     directory = config_dir() if directory is None else directory
+    ep = shape.ep
+    candidates = []  # (tp, untuned file name) of the presets with this layer
     for preset in PRESETS.values():
         if preset.scheme.family != scheme.family:
             continue
-        for tp in ([tp_size] if tp_size else []) + [1, 2, 4, 8, 16]:
+        for tp in dict.fromkeys(([tp_size] if tp_size else []) + [1, 2, 4, 8, 16]):
             try:
-                if preset_shape(preset, tp) != shape:
-                    continue
+                if preset_shape(preset, tp, ep) == shape:
+                    candidates.append((tp, untuned_name(preset, tp, ep)))
             except ValueError:
                 continue
-            untuned = untuned_name(preset, tp)
-            tuned = untuned.replace(".untuned.csv", ".tuned.csv")
-            step = (f"vllm-moe-aot tune -i {directory / untuned} -o {directory / tuned}")
-            if (directory / untuned).is_file():
-                return step
-            return (f"python -m vllm_moe_aot.cli.configs --generate --tp {tp} --config-dir "
-                    f"{directory}, then {step}")
+
+    def step(untuned: str) -> str:
+        tuned = untuned.replace(".untuned.csv", ".tuned.csv")
+        return f"vllm-moe-aot tune -i {directory / untuned} -o {directory / tuned}"
+
+    for _, untuned in candidates:
+        if (directory / untuned).is_file():
+            return step(untuned)
+    if candidates:
+        tp, untuned = candidates[0]
+        return (f"python -m vllm_moe_aot.cli.configs --generate --tp {tp}"
+                + (f" --ep {ep}" if ep > 1 else "")
+                + f" --config-dir {directory}, then {step(untuned)}")
     tp = tp_size or "<T>"
-    return (f"vllm-moe-aot tune --model <checkpoint or config.json> --tp {tp} --scheme "
-            f"{scheme.family} --config-dir <dir>, then serve with VLLM_MOE_AOT_CONFIG_DIR=<dir>")
+    return (f"vllm-moe-aot tune --model <checkpoint or config.json> --tp {tp}"
+            + (f" --ep {ep}" if ep > 1 else "") + f" --scheme {scheme.family} --config-dir "
+            "<dir>, then serve with VLLM_MOE_AOT_CONFIG_DIR=<dir>")
 
 
 def dispatch_table(shape: MoEShape, scheme: Scheme, gpu_name: str, arch: str,

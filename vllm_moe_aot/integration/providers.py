@@ -10,8 +10,10 @@ that want the answer without building a layer: the tuner, to name the stock prov
 rows (:func:`stock_provider`), and ``info``-style reports. The rule covers the layer kinds of
 the integration table (:data:`LAYER_KINDS`) on the GPUs the pipeline has code objects for; it
 is checked against the installed vLLM's oracle on an sm_90 stand-in
-(``tests/test_integration_delegate.py``). Conditions as in docs/vllm-integration.md: TP (no
-EP), ``--moe-backend auto``, no ``VLLM_USE_DEEP_GEMM``, SiLU, bf16, standard activation format.
+(``tests/test_integration_delegate.py``). Conditions as in docs/vllm-integration.md: TP,
+``--moe-backend auto``, no ``VLLM_USE_DEEP_GEMM``, SiLU, bf16, standard activation format. EP
+in the standard format gets the same answers for these layer kinds (vLLM's order changes
+with EP for block FP8 only; ``tests/test_integration_ep.py``).
 
 Which of vLLM's choices ``AotExperts`` can delegate to (:data:`SHAREABLE_BACKENDS`): those whose
 weights, scales and prepare/finalize are the ones the pipeline reads, i.e. vLLM converts the
