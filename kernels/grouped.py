@@ -109,10 +109,14 @@ def moe_grouped_stage2(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     PER_CHANNEL: tl.constexpr, STATIC: tl.constexpr, ATOMIC: tl.constexpr,
     FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr, USE_GDC: tl.constexpr,
+    TILE_SCALES: tl.constexpr = False, SCALE_N: tl.constexpr = 128,
 ):
     """y = w_pair * (act_q[row] W2_e^T)[cols] for one block of sorted rows, written as bf16
     partials per pair, or (ATOMIC) added into the token's fp32 accumulator row: no
-    [pairs, K] round trip through memory, at the price of a non-deterministic sum order."""
+    [pairs, K] round trip through memory, at the price of a non-deterministic sum order.
+    TILE_SCALES: the intermediate's scales per (row, SCALE_N columns), as in
+    :func:`moe_grouped_stage2_loop`; one program per output tile gives small batches of wide
+    layers many programs (the looped kernel has K_SPLIT per row block)."""
     _chain(USE_GDC)
     b = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -128,6 +132,8 @@ def moe_grouped_stage2(
     a_ptrs = actq_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     b_ptrs = w2_ptr + e * K * N + offs_k.to(tl.int64)[None, :] * N + offs_n[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    if TILE_SCALES:
+        scale_rows = act_scale_ptr + offs_m.to(tl.int64) * tl.cdiv(N, SCALE_N)
     for n0 in range(0, N, BLOCK_N):
         mask_n = (n0 + offs_n) < N
         a = tl.load(a_ptrs + n0, mask=valid[:, None] & mask_n[None, :], other=0.0)
@@ -135,9 +141,15 @@ def moe_grouped_stage2(
         if EXACT_CAST:
             a = _fp8_operand(a, FP8_MAX, EXACT_CAST)
             w = w.to(tl.float32)
-        acc += tl.dot(a, w)
+        if TILE_SCALES:
+            s = tl.load(scale_rows + n0 // SCALE_N, mask=valid, other=0.0)
+            acc += tl.dot(a, w) * s[:, None]
+        else:
+            acc += tl.dot(a, w)
     if STATIC:
         acc = acc * tl.load(a2_static_ptr)
+    elif TILE_SCALES:
+        pass  # applied per chunk
     else:
         acc = acc * tl.load(act_scale_ptr + offs_m, mask=valid, other=0.0)[:, None]
     if PER_CHANNEL:

@@ -187,7 +187,8 @@ class GroupedStage2Tile:
         bm = self.block_m(align_m)
         dims = f"{_SHORT[scheme]}_m{bm}_k{self.bk}_n{self.bn}"
         if not self.k_split:
-            return f"grp_s2_{dims}{'_atomic' if self.atomic else ''}"
+            return (f"grp_s2_{dims}{'_atomic' if self.atomic else ''}"
+                    + (f"_ts{scale_n}" if self.tile_scales else ""))
         kind = "res" if self.resident else "loop"
         return (f"grp_s2{kind}_{dims}_split{self.k_split}"
                 + (f"_align{align_m}" if align_m != bm else "")
@@ -196,6 +197,8 @@ class GroupedStage2Tile:
 
 S1_TILES = (
     GroupedStage1Tile("m16", 16, 128, 128, 4, 3),
+    # N in 64-wide tiles for small batches of wide layers: 2x the stage-1 programs of m16
+    GroupedStage1Tile("m16n64", 16, 64, 128, 4, 3),
     GroupedStage1Tile("m64", 64, 128, 128, 4, 3),
     GroupedStage1Tile("m64n64", 64, 64, 128, 4, 3),
     GroupedStage1Tile("m64n256", 64, 256, 128, 8, 3),
@@ -229,6 +232,9 @@ S2_TILES = {
     (128, "wloop4m64"): GroupedStage2Tile(128, 64, 4, 3, k_split=4, bm=64, tile_scales=True),
     (128, "wloop4m64n128"): GroupedStage2Tile(128, 128, 4, 3, k_split=4, bm=64,
                                               tile_scales=True),
+    # ... and one output tile per program: K / 128 programs per row block (small batches)
+    (16, "wstd"): GroupedStage2Tile(128, 64, 4, 3, tile_scales=True),
+    (64, "wstd"): GroupedStage2Tile(128, 64, 4, 3, tile_scales=True),
 }
 
 
@@ -251,7 +257,8 @@ MODES = (Mode("std", False), Mode("atomic", False), Mode("std", True), Mode("k25
          Mode("n64", True), Mode("loop4", True), Mode("loop4", False), Mode("loop4n128", True),
          Mode("loop4m64", True), Mode("res4n128", True), Mode("res4n256", True),
          Mode("res4m64n128", True), Mode("wloop4", False), Mode("wloop4", True),
-         Mode("wloop4n128", True), Mode("wloop4m64", True), Mode("wloop4m64n128", True))
+         Mode("wloop4n128", True), Mode("wloop4m64", True), Mode("wloop4m64n128", True),
+         Mode("wstd", False), Mode("wstd", True))
 #: stage-1 tiles also built without per-chunk promotion -> the fastacc modes built for the tile
 #: (None: all). m64n256 covers Hy3's N=192 with one gate/up tile (A read once per row block
 #: instead of 3x with m64n64)
@@ -327,8 +334,8 @@ def grouped_stage2_spec(t: GroupedStage2Tile, bm1: int, scheme: str,
     if t.k_split:
         del consts["ATOMIC"]
         consts.update(K_SPLIT=t.k_split, ALIGN_M=bm1, NUM_STAGES=t.stages)
-        if not t.resident:
-            consts.update(TILE_SCALES=t.tile_scales, SCALE_N=scale_n or t.bn)
+    if not t.resident:
+        consts.update(TILE_SCALES=t.tile_scales, SCALE_N=scale_n or t.bn)
     return KernelSpec(
         name=t.kernel(scheme, bm1, scale_n), source=f"kernels.grouped:{t.function()}",
         family="grouped_stage2",
@@ -395,8 +402,8 @@ def grouped_space() -> tuple[list[KernelSpec], list[Variant]]:
             max_n: dict[str, int] = {}
             act_group: dict[str, int] = {}
             for scheme, (_pc, static) in SCHEME_FLAGS.items():
-                if not static and t.bn < 128:
-                    continue  # narrow tiles re-quantise at 64 columns: pointless
+                if not static and t.bn < 128 and not s2.tile_scales:
+                    continue  # one scale per row wants the row in one tile
                 if s2.tile_scales and (static or t.bn % s2.bn):
                     continue  # static scales are per tensor; a chunk may not straddle tiles
                 spec = s1_specs.setdefault(t.kernel(scheme, promote),

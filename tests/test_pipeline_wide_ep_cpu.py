@@ -12,8 +12,10 @@ from vllm_moe_aot.pipeline import FusedMoE, Workspace
 from vllm_moe_aot.shapes import MoEShape, Scheme
 
 DYNAMIC = [Scheme.FP8_PTPC, Scheme.FP8_PER_TENSOR_DYNAMIC]
-#: the cheapest per-tile-scale variant per stage-1 N tile (128 and 256)
-WIDE = ("grouped_m64_fastacc_wloop4", "grouped_m64n256_fastacc_wloop4n128")
+#: per-tile-scale variants: the looped stage 2 after stage-1 N tiles of 128 and 256, and the
+#: one-tile-per-program stage 2 after 64-wide tiles
+WIDE = ("grouped_m64_fastacc_wloop4", "grouped_m64n256_fastacc_wloop4n128",
+        "grouped_m16n64_wstd")
 
 
 @pytest.mark.parametrize("scheme", DYNAMIC, ids=lambda s: s.value)
@@ -25,7 +27,7 @@ def test_wide_n_dynamic_grouped(scheme, N):
     p = make(shape, scheme, 9, seed=N)
     for v in WIDE:
         assert v in moe.variants, moe.skipped.get(v)
-        assert moe.act_group(v) in (128, 256)
+        assert moe.act_group(v) in (64, 128, 256)
         check(moe, v, p, run(moe, v, p))
 
 
@@ -91,7 +93,7 @@ def test_expert_map_with_wide_n_and_a_token_without_local_experts():
     moe = FusedMoE(shape, scheme, "cpu", max_tokens=16)
     p = _ep_problem(shape, scheme, 6, "half", seed=9)
     p["topk_ids"][0] = torch.tensor([1, 3], dtype=torch.int32)  # both on the other rank
-    for v in (WIDE[0], "gemv_n8_k512.k8_n64"):
+    for v in (WIDE[0], WIDE[2], "gemv_n8_k512.k8_n64"):
         out = run(moe, v, p)
         assert torch.count_nonzero(out[0]) == 0
         check(moe, v, p, out)
