@@ -41,8 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep", type=int, default=1,
                    help="with --model: vLLM's expert-parallel size (--enable-expert-parallel: "
                         "EP = TP x DP); each rank then holds experts / EP experts at the full "
-                        "intermediate size. Note: the vLLM backend currently leaves "
-                        "expert-parallel layers to vLLM")
+                        "intermediate size (vLLM's standard-format EP layers use these "
+                        "rows)")
     p.add_argument("--scheme", choices=["fp8_ptpc", "fp8_per_tensor"], default=None,
                    help="with --model: scheme family to tune (default: the checkpoint's "
                         "quantization_config when it names one of these, else fp8_ptpc)")
