@@ -85,8 +85,9 @@ for step in $STEPS; do
       # issue 13: EP8 and wide-N GPU tests (with the soak), the peers' GPU tests, and the EP8
       # layers under memcheck and racecheck
       mkdir -p "$W/eptest"
-      timeout "$T" python3 -m pytest -q -p no:cacheprovider -s -rA ${EPTEST_ARGS:-} \
-        tests/gpu/test_pipeline_ep_gpu.py tests/gpu/test_vllm_cutlass_gpu.py \
+      # EPTEST_K: a pytest -k expression (spaces allowed); EPTEST_ARGS: more test paths
+      timeout "$T" python3 -m pytest -q -p no:cacheprovider -s -rA ${EPTEST_K:+-k "$EPTEST_K"} \
+        ${EPTEST_ARGS:-} tests/gpu/test_pipeline_ep_gpu.py tests/gpu/test_vllm_cutlass_gpu.py \
         tests/gpu/test_torch_peer_gpu.py > "$W/eptest/stdout.txt" 2>&1 || rc=1
       grep -E "soak|passed|failed|Error" "$W/eptest/stdout.txt" | tail -30 ;;
     sanitize)
