@@ -14,6 +14,11 @@ channel for ptpc) and ``q1``/``q2`` the activation quantisation of the scheme:
 - ``fp8_per_tensor_static``: the checkpoint's scalar scales ``a13_scale`` / ``a2_scale``.
 - ``quantize_activations=False``: W8A16, activations are not quantised at all (the decode
   kernels dequantise weights in registers and keep activations in fp32).
+- block FP8 (``weight_block=(bn, bk)``, the official FP8 checkpoints' 128 x 128): one weight
+  scale per ``bn x bk`` block (vLLM's ``weight_scale_inv``: ``[E, ceil(2N/bn), ceil(K/bk)]`` and
+  ``[E, ceil(K/bn), ceil(N/bk)]``), and both activations quantised dynamically per token in
+  groups of ``bk`` columns with vLLM's ``per_token_group_quant_fp8`` scale
+  ``max(amax(group), 1e-10) / FP8_MAX``.
 
 Quantisation clamps to +-FP8_MAX (NaN stays NaN) and rounds to nearest even.
 """
@@ -67,6 +72,35 @@ def _act_quant(t: torch.Tensor, scheme: Scheme, static_scale, fp8_dtype,
     return quantize(t, scale, fp8_dtype)
 
 
+#: vLLM's per_token_group_quant_fp8 floor on a group's amax
+GROUP_EPS = 1e-10
+
+
+def group_quant(t: torch.Tensor, group: int, fp8_dtype: torch.dtype) -> torch.Tensor:
+    """``t`` [rows, cols] quantised per row in groups of ``group`` columns (the last one may be
+    narrower) with vLLM's per-token-group scale, returned dequantised (float64)."""
+    out = []
+    for c in t.double().split(group, dim=-1):
+        amax = c.abs().amax(dim=-1, keepdim=True)
+        # NaN stays NaN (clamp keeps it), like the per-row path
+        scale = torch.clamp(amax, min=GROUP_EPS) / fp8_max(fp8_dtype)
+        out.append(quantize(c, scale, fp8_dtype))
+    return torch.cat(out, dim=-1)
+
+
+def block_dequant(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """fp8 ``w`` [rows, cols] times its block scales ``scale`` [ceil(rows/bn), ceil(cols/bk)]
+    (float64)."""
+    bn, bk = block
+    rows, cols = w.shape
+    want = (-(-rows // bn), -(-cols // bk))
+    if tuple(scale.shape) != want:
+        raise ValueError(f"block scales for a {rows}x{cols} weight with {bn}x{bk} blocks are "
+                         f"{want[0]}x{want[1]}, got {tuple(scale.shape)}")
+    s = scale.double().repeat_interleave(bn, 0)[:rows].repeat_interleave(bk, 1)[:, :cols]
+    return w.double() * s
+
+
 def reference_moe(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -81,6 +115,7 @@ def reference_moe(
     quantize_activations: bool = True,
     expert_map: torch.Tensor | None = None,
     act_group: int = 0,
+    weight_block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The layer in float64 on the CPU: ``[M, K]`` float64.
 
@@ -94,6 +129,10 @@ def reference_moe(
 
     ``act_group``: dynamic schemes re-quantise the intermediate with one scale per that many
     columns of a row (a variant's ``act_group``; 0: one scale per row).
+
+    ``weight_block`` (block FP8): scales are ``[E, ceil(2N/bn), ceil(K/bk)]`` /
+    ``[E, ceil(K/bn), ceil(N/bk)]`` and activations are quantised per token per ``bk`` columns
+    (see the module docstring); ``scheme`` must then be a dynamic one.
     """
     scheme = Scheme.parse(scheme) if isinstance(scheme, str) else scheme
     fp8 = w13.dtype
@@ -101,8 +140,15 @@ def reference_moe(
     N = N2 // 2
     M, topk = topk_ids.shape
     xd = x.detach().cpu().double()
-    s13 = w13_scale.detach().cpu().double().reshape(E, -1)
-    s2 = w2_scale.detach().cpu().double().reshape(E, -1)
+    if weight_block is not None:
+        if scheme.static_activations:
+            raise ValueError("block FP8 quantises activations dynamically, not with "
+                             f"{scheme.value}'s static scales")
+        s13 = w13_scale.detach().cpu().double()
+        s2 = w2_scale.detach().cpu().double()
+    else:
+        s13 = w13_scale.detach().cpu().double().reshape(E, -1)
+        s2 = w2_scale.detach().cpu().double().reshape(E, -1)
     ids = topk_ids.detach().cpu().long()
     tw = topk_weights.detach().cpu().double()
     local = None
@@ -114,18 +160,27 @@ def reference_moe(
             raise ValueError(f"topk_ids reach expert {int(ids.max())}; expert_map covers "
                              f"{local.numel()}")
     out = torch.zeros(M, K, dtype=torch.float64)
-    a1 = _act_quant(xd, scheme, a13_scale, fp8) if quantize_activations else xd
+    def q(t: torch.Tensor, static_scale, group: int) -> torch.Tensor:
+        if weight_block is not None:
+            return group_quant(t, weight_block[1], fp8)
+        return _act_quant(t, scheme, static_scale, fp8, group)
+
+    a1 = q(xd, a13_scale, 0) if quantize_activations else xd
     for g in ids.unique().tolist():
         e = g if local is None else int(local[g])
         if e < 0:
             continue  # another rank's expert
         rows, slots = (ids == g).nonzero(as_tuple=True)
-        w13e = w13[e].detach().cpu().double() * s13[e].reshape(-1, 1)  # [2N, K]
-        w2e = w2[e].detach().cpu().double() * s2[e].reshape(-1, 1)  # [K, N]
+        if weight_block is not None:
+            w13e = block_dequant(w13[e].detach().cpu(), s13[e], weight_block)  # [2N, K]
+            w2e = block_dequant(w2[e].detach().cpu(), s2[e], weight_block)  # [K, N]
+        else:
+            w13e = w13[e].detach().cpu().double() * s13[e].reshape(-1, 1)  # [2N, K]
+            w2e = w2[e].detach().cpu().double() * s2[e].reshape(-1, 1)  # [K, N]
         h = a1[rows] @ w13e.T  # [r, 2N]
         act = torch.nn.functional.silu(h[:, :N]) * h[:, N:]
         if quantize_activations:
-            act = _act_quant(act, scheme, a2_scale, fp8, act_group)
+            act = q(act, a2_scale, act_group)
         y = act @ w2e.T  # [r, K]
         out.index_add_(0, rows, y * tw[rows, slots].unsqueeze(1))
     return out
