@@ -89,6 +89,14 @@ def _row_scale(amax, has_nan, FP8_MAX: tl.constexpr):
 
 
 @triton.jit
+def _group_scale(amax, has_nan, FP8_MAX: tl.constexpr):
+    """Dynamic scale of a 128-column group (block FP8), as vLLM's per_token_group_quant_fp8
+    computes it: ``max(amax, 1e-10) / FP8_MAX``; NaN groups get a NaN scale."""
+    s = tl.maximum(amax, 1e-10) / FP8_MAX
+    return tl.where(has_nan, float("nan"), s)
+
+
+@triton.jit
 def _chain(USE_GDC: tl.constexpr):
     """Programmatic dependent launch inside a chain of kernels: let the next kernel's programs
     launch once all of ours run, then wait until the previous kernel has finished and its

@@ -13,7 +13,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.common import _chain, _fp8_operand, _row_scale, _silu_mul, _to_fp8
+from kernels.common import _chain, _fp8_operand, _group_scale, _row_scale, _silu_mul, _to_fp8
+
+#: rows x columns of one block-FP8 weight scale, and the activation group (shapes.WEIGHT_BLOCK)
+QBLOCK: tl.constexpr = tl.constexpr(128)
 
 
 @triton.jit
@@ -24,6 +27,7 @@ def moe_grouped_stage1(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PER_CHANNEL: tl.constexpr, STATIC: tl.constexpr, PROMOTE: tl.constexpr,
     FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr, USE_GDC: tl.constexpr,
+    BLOCK_SCALES: tl.constexpr = False,
 ):
     """act_q[row] = q2(silu(x W_gate^T) * (x W_up^T)) for one BLOCK_M block of sorted rows and
     one BLOCK_N tile of N.
@@ -36,6 +40,12 @@ def moe_grouped_stage1(
     PROMOTE adds each BLOCK_K chunk's MMA result into an fp32 accumulator: Hopper's fp8 MMA
     accumulates in reduced precision, and chaining it over K=4096 costs ~4x the error (still
     inside the gate, like vLLM's stock kernel) for ~15% more speed at large M.
+
+    BLOCK_SCALES (block FP8; BLOCK_K = 128, BLOCK_N a divisor or multiple of 128): every K
+    chunk's MMA result is scaled by its rows' activation-group scales (``a_scale[tok *
+    K/128 + kb]``) and its columns' weight-block scales (``w13_scale[e, n/128, kb]``) before it
+    is added, i.e. always promoted; the intermediate is re-quantised per (row, N tile) with
+    vLLM's group scale.
     """
     _chain(USE_GDC)
     b = tl.program_id(0)
@@ -55,6 +65,11 @@ def moe_grouped_stage1(
     u_ptrs = g_ptrs + N * K
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if BLOCK_SCALES:
+        kblocks = K // QBLOCK
+        a_srow = a_scale_ptr + tok * kblocks
+        w_srow_g = w13_scale_ptr + (e * (2 * N // QBLOCK) + offs_n // QBLOCK) * kblocks
+        w_srow_u = w_srow_g + (N // QBLOCK) * kblocks
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs + k0, mask=valid[:, None], other=0.0)
         bg = tl.load(g_ptrs + k0, mask=mask_n[None, :], other=0.0)
@@ -63,13 +78,22 @@ def moe_grouped_stage1(
             a = _fp8_operand(a, FP8_MAX, EXACT_CAST)
             bg = bg.to(tl.float32)
             bu = bu.to(tl.float32)
-        if PROMOTE:
+        if BLOCK_SCALES:
+            kb = k0 // QBLOCK
+            a_s = tl.load(a_srow + kb, mask=valid, other=0.0)
+            acc_g += tl.dot(a, bg) * (a_s[:, None] *
+                                      tl.load(w_srow_g + kb, mask=mask_n, other=0.0)[None, :])
+            acc_u += tl.dot(a, bu) * (a_s[:, None] *
+                                      tl.load(w_srow_u + kb, mask=mask_n, other=0.0)[None, :])
+        elif PROMOTE:
             acc_g += tl.dot(a, bg)
             acc_u += tl.dot(a, bu)
         else:
             acc_g = tl.dot(a, bg, acc_g)
             acc_u = tl.dot(a, bu, acc_u)
-    if STATIC:
+    if BLOCK_SCALES:
+        pass  # scaled per K chunk
+    elif STATIC:
         a_s = tl.load(a13_static_ptr)
         acc_g = acc_g * a_s
         acc_u = acc_u * a_s
@@ -77,7 +101,9 @@ def moe_grouped_stage1(
         a_s = tl.load(a_scale_ptr + tok, mask=valid, other=0.0)
         acc_g = acc_g * a_s[:, None]
         acc_u = acc_u * a_s[:, None]
-    if PER_CHANNEL:
+    if BLOCK_SCALES:
+        pass
+    elif PER_CHANNEL:
         srow = w13_scale_ptr + e * 2 * N
         acc_g = acc_g * tl.load(srow + offs_n, mask=mask_n, other=0.0)[None, :]
         acc_u = acc_u * tl.load(srow + N + offs_n, mask=mask_n, other=0.0)[None, :]
@@ -93,7 +119,10 @@ def moe_grouped_stage1(
         keep = mask_n[None, :]
         amax = tl.max(tl.where(keep, tl.abs(act), 0.0), axis=1)
         nan = tl.max(tl.where(keep & (act != act), 1, 0), axis=1) > 0
-        s2 = _row_scale(amax, nan, FP8_MAX)
+        if BLOCK_SCALES:
+            s2 = _group_scale(amax, nan, FP8_MAX)
+        else:
+            s2 = _row_scale(amax, nan, FP8_MAX)
         tl.store(act_scale_ptr + offs_m.to(tl.int64) * tl.cdiv(N, BLOCK_N) + pid_n, s2,
                  mask=valid)
         q = _to_fp8(act / s2[:, None], actq_ptr.dtype.element_ty, FP8_MAX, EXACT_CAST)
@@ -110,13 +139,16 @@ def moe_grouped_stage2(
     PER_CHANNEL: tl.constexpr, STATIC: tl.constexpr, ATOMIC: tl.constexpr,
     FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr, USE_GDC: tl.constexpr,
     TILE_SCALES: tl.constexpr = False, SCALE_N: tl.constexpr = 128,
+    BLOCK_SCALES: tl.constexpr = False,
 ):
     """y = w_pair * (act_q[row] W2_e^T)[cols] for one block of sorted rows, written as bf16
     partials per pair, or (ATOMIC) added into the token's fp32 accumulator row: no
     [pairs, K] round trip through memory, at the price of a non-deterministic sum order.
     TILE_SCALES: the intermediate's scales per (row, SCALE_N columns), as in
     :func:`moe_grouped_stage2_loop`; one program per output tile gives small batches of wide
-    layers many programs (the looped kernel has K_SPLIT per row block)."""
+    layers many programs (the looped kernel has K_SPLIT per row block). BLOCK_SCALES (block
+    FP8, with TILE_SCALES; BLOCK_N divides 128): each chunk is also scaled by its output
+    columns' w2 block scales ``w2_scale[e, k/128, n0/128]``."""
     _chain(USE_GDC)
     b = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -134,6 +166,8 @@ def moe_grouped_stage2(
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     if TILE_SCALES:
         scale_rows = act_scale_ptr + offs_m.to(tl.int64) * tl.cdiv(N, SCALE_N)
+    if BLOCK_SCALES:
+        w_scale_cols = w2_scale_ptr + (e * (K // QBLOCK) + offs_k // QBLOCK) * (N // QBLOCK)
     for n0 in range(0, N, BLOCK_N):
         mask_n = (n0 + offs_n) < N
         a = tl.load(a_ptrs + n0, mask=valid[:, None] & mask_n[None, :], other=0.0)
@@ -141,7 +175,11 @@ def moe_grouped_stage2(
         if EXACT_CAST:
             a = _fp8_operand(a, FP8_MAX, EXACT_CAST)
             w = w.to(tl.float32)
-        if TILE_SCALES:
+        if BLOCK_SCALES:
+            s = tl.load(scale_rows + n0 // SCALE_N, mask=valid, other=0.0)
+            ws = tl.load(w_scale_cols + n0 // QBLOCK, mask=mask_k, other=0.0)
+            acc += tl.dot(a, w) * (s[:, None] * ws[None, :])
+        elif TILE_SCALES:
             s = tl.load(scale_rows + n0 // SCALE_N, mask=valid, other=0.0)
             acc += tl.dot(a, w) * s[:, None]
         else:
@@ -152,7 +190,9 @@ def moe_grouped_stage2(
         pass  # applied per chunk
     else:
         acc = acc * tl.load(act_scale_ptr + offs_m, mask=valid, other=0.0)[:, None]
-    if PER_CHANNEL:
+    if BLOCK_SCALES:
+        pass  # applied per chunk
+    elif PER_CHANNEL:
         acc = acc * tl.load(w2_scale_ptr + e * K + offs_k, mask=mask_k, other=0.0)[None, :]
     else:
         acc = acc * tl.load(w2_scale_ptr + e)
@@ -172,7 +212,7 @@ def moe_grouped_stage2(
 def _stage2_rows(b, sorted_ids_ptr, block_expert_ptr, topk_weights_ptr, act_scale_ptr,
                  a2_static_ptr, w2_scale_ptr, num_pairs, BLOCK_M: tl.constexpr,
                  ALIGN_M: tl.constexpr, PER_CHANNEL: tl.constexpr, STATIC: tl.constexpr,
-                 TILE_SCALES: tl.constexpr = False):
+                 TILE_SCALES: tl.constexpr = False, BLOCK_SCALES: tl.constexpr = False):
     """Row block ``b`` of the looped stage-2 kernels: its expert, rows, which rows hold a
     pair, the per-row factor (routing weight x activation scale, x the weight scale when it
     is per tensor; without the activation scale under TILE_SCALES, where it is per N tile)
@@ -189,7 +229,7 @@ def _stage2_rows(b, sorted_ids_ptr, block_expert_ptr, topk_weights_ptr, act_scal
     else:
         row_mult = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0) * \
             tl.load(act_scale_ptr + offs_m, mask=valid, other=0.0)
-    if not PER_CHANNEL:
+    if not PER_CHANNEL and not BLOCK_SCALES:
         row_mult = row_mult * tl.load(w2_scale_ptr + e)
     safe = tl.where(valid, pair, 0).to(tl.int64)
     return e, offs_m, valid, row_mult, safe
@@ -226,6 +266,7 @@ def moe_grouped_stage2_loop(
     STATIC: tl.constexpr, NUM_STAGES: tl.constexpr, FP8_MAX: tl.constexpr,
     EXACT_CAST: tl.constexpr, USE_GDC: tl.constexpr,
     TILE_SCALES: tl.constexpr = False, SCALE_N: tl.constexpr = 128,
+    BLOCK_SCALES: tl.constexpr = False,
 ):
     """Stage 2 as a loop: one program per (block of sorted rows, 1/K_SPLIT of the K output
     columns) walks all its K tiles, so the row block's bookkeeping (pairs, scales, routing
@@ -239,6 +280,7 @@ def moe_grouped_stage2_loop(
     TILE_SCALES (dynamic schemes, any N): the intermediate carries one scale per (row, SCALE_N
     columns), stage 1's BLOCK_N tiles; each chunk's MMA result is scaled by its rows' scales
     before it is added (BLOCK_N divides SCALE_N, so a chunk never straddles two tiles).
+    BLOCK_SCALES (block FP8, with TILE_SCALES): and by its output columns' w2 block scales.
     """
     _chain(USE_GDC)
     b = tl.program_id(0)
@@ -247,7 +289,8 @@ def moe_grouped_stage2_loop(
         return
     e, offs_m, valid, row_mult, safe = _stage2_rows(
         b, sorted_ids_ptr, block_expert_ptr, topk_weights_ptr, act_scale_ptr, a2_static_ptr,
-        w2_scale_ptr, num_pairs, BLOCK_M, ALIGN_M, PER_CHANNEL, STATIC, TILE_SCALES)
+        w2_scale_ptr, num_pairs, BLOCK_M, ALIGN_M, PER_CHANNEL, STATIC, TILE_SCALES,
+        BLOCK_SCALES)
     n_chunks = tl.cdiv(N, BLOCK_N)
     if TILE_SCALES:
         scale_rows = act_scale_ptr + offs_m.to(tl.int64) * tl.cdiv(N, SCALE_N)
@@ -257,6 +300,8 @@ def moe_grouped_stage2_loop(
     offs_c = tl.arange(0, BLOCK_N)
     a_rows = actq_ptr + offs_m.to(tl.int64)[:, None] * N
     w_base = w2_ptr + e * K * N
+    if BLOCK_SCALES:
+        w_base_s = w2_scale_ptr + e * (K // QBLOCK) * (N // QBLOCK)
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     for it in tl.range(0, steps, num_stages=NUM_STAGES):
         kt = kt0 + it // n_chunks
@@ -270,7 +315,12 @@ def moe_grouped_stage2_loop(
         if EXACT_CAST:
             a = _fp8_operand(a, FP8_MAX, EXACT_CAST)
             w = w.to(tl.float32)
-        if TILE_SCALES:
+        if BLOCK_SCALES:
+            s = tl.load(scale_rows + (nc * BLOCK_N) // SCALE_N, mask=valid, other=0.0)
+            ws = tl.load(w_base_s + (offs_k // QBLOCK) * (N // QBLOCK) + (nc * BLOCK_N) // QBLOCK,
+                         mask=offs_k < K, other=0.0)
+            acc += tl.dot(a, w) * (s[:, None] * ws[None, :])
+        elif TILE_SCALES:
             s = tl.load(scale_rows + (nc * BLOCK_N) // SCALE_N, mask=valid, other=0.0)
             acc += tl.dot(a, w) * s[:, None]
         else:

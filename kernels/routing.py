@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.common import _chain, _row_scale, _to_fp8
+from kernels.common import _chain, _group_scale, _row_scale, _to_fp8
 
 
 @triton.jit
@@ -24,10 +24,11 @@ def moe_prep(
     K, topk,
     BLOCK_K: tl.constexpr, TOPK_PAD: tl.constexpr, STATIC: tl.constexpr,
     ZERO_ACC: tl.constexpr, FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    USE_GDC: tl.constexpr, GROUP: tl.constexpr = 0,
 ):
     """Quantise one token row of x to fp8 and count its experts; with ZERO_ACC also clear the
-    token's fp32 output accumulator row for the atomic stage 2."""
+    token's fp32 output accumulator row for the atomic stage 2. GROUP > 0 (block FP8): one
+    scale per GROUP columns, ``a_scale[m * (K // GROUP) + g]``, else one per row."""
     _chain(USE_GDC)
     m = tl.program_id(0).to(tl.int64)
     offs_t = tl.arange(0, TOPK_PAD)
@@ -35,6 +36,24 @@ def moe_prep(
     tl.atomic_add(counts_ptr + ids, 1, mask=ids >= 0, sem="relaxed")
     offs_k = tl.arange(0, BLOCK_K)
     row = x_ptr + m * K
+    if GROUP:
+        offs_g = tl.arange(0, BLOCK_K // GROUP)
+        offs_c = tl.arange(0, GROUP)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + offs_g[:, None] * GROUP + offs_c[None, :]
+            mk = cols < K
+            v = tl.load(row + cols, mask=mk, other=0.0).to(tl.float32)
+            amax = tl.max(tl.abs(v), axis=1)
+            nan = tl.max((v != v).to(tl.int32), axis=1) > 0
+            s = _group_scale(amax, nan, FP8_MAX)
+            g = k0 // GROUP + offs_g
+            tl.store(a_scale_ptr + m * (K // GROUP) + g, s, mask=g < K // GROUP)
+            q = _to_fp8(v / s[:, None], xq_ptr.dtype.element_ty, FP8_MAX, EXACT_CAST)
+            tl.store(xq_ptr + m * K + cols, q, mask=mk)
+            if ZERO_ACC:
+                tl.store(acc_ptr + m * K + cols, tl.zeros([BLOCK_K // GROUP, GROUP],
+                                                          tl.float32), mask=mk)
+        return
     if STATIC:
         scale = tl.load(static_scale_ptr)
     else:

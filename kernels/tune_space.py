@@ -17,13 +17,29 @@ from dataclasses import dataclass
 from kernels.spec import FP8_MAX, FP8_PTR, ON_CUDA, KernelSpec
 from vllm_moe_aot.contract import DEFAULT_TOLERANCE, Regime, Role, Variant
 
-# Scheme flags per scheme value (vllm_moe_aot.shapes.Scheme): (PER_CHANNEL, STATIC)
+
+@dataclass(frozen=True)
+class SchemeFlags:
+    """A scheme's kernel flags: PER_CHANNEL (ptpc weight scales), STATIC (checkpoint
+    activation scales), BLOCK_SCALES (block FP8: 128 x 128 weight blocks, 128-column
+    activation groups)."""
+
+    per_channel: bool
+    static: bool
+    block: bool = False
+
+
+#: flags per scheme value (vllm_moe_aot.shapes.Scheme)
 SCHEME_FLAGS = {
-    "fp8_ptpc": (True, False),
-    "fp8_per_tensor_static": (False, True),
-    "fp8_per_tensor_dynamic": (False, False),
+    "fp8_ptpc": SchemeFlags(True, False),
+    "fp8_per_tensor_static": SchemeFlags(False, True),
+    "fp8_per_tensor_dynamic": SchemeFlags(False, False),
+    "fp8_block": SchemeFlags(False, False, block=True),
 }
-_SHORT = {"fp8_ptpc": "ptpc", "fp8_per_tensor_static": "pts", "fp8_per_tensor_dynamic": "ptd"}
+_SHORT = {"fp8_ptpc": "ptpc", "fp8_per_tensor_static": "pts", "fp8_per_tensor_dynamic": "ptd",
+          "fp8_block": "blk"}
+#: the block-FP8 weight block and activation group (vllm_moe_aot.shapes.WEIGHT_BLOCK)
+QBLOCK = 128
 
 _ALIGN16 = ("N", "K")
 #: gemv reads every (token, slot) pair's expert weights separately: past a few hundred tokens
@@ -90,14 +106,15 @@ GEMV_S2_TILES = (GemvStage2Tile(False, 4, 128), GemvStage2Tile(False, 8, 64),
                  GemvStage2Tile(False, 4, 64, warps=2), GemvStage2Tile(False, 2, 128, 8, 1))
 
 
-def _gemv_tag(per_channel: bool) -> str:
-    return "pc" if per_channel else "pt"
+def _gemv_tag(flags: SchemeFlags) -> str:
+    """gemv kernels differ only by the weight scales: per tensor, per channel or per block."""
+    return "blk" if flags.block else "pc" if flags.per_channel else "pt"
 
 
 def gemv_specs() -> list[KernelSpec]:
     specs: list[KernelSpec] = []
-    for pc in (False, True):
-        tag = _gemv_tag(pc)
+    for flags in {_gemv_tag(f): f for f in SCHEME_FLAGS.values()}.values():
+        tag, pc = _gemv_tag(flags), flags.per_channel
         for t1 in GEMV_S1_TILES:
             specs.append(KernelSpec(
                 name=t1.kernel(tag),
@@ -107,7 +124,7 @@ def gemv_specs() -> list[KernelSpec]:
                            "topk_ids_ptr": "*i32", "act_ptr": "*fp32",
                            "N": "i32", "K": "i32", "topk": "i32"},
                 constexprs={"BLOCK_N": t1.bn, "BLOCK_K": t1.bk, "PER_CHANNEL": pc,
-                            "USE_GDC": ON_CUDA},
+                            "USE_GDC": ON_CUDA, "BLOCK_SCALES": flags.block},
                 divisible_by_16=("x_ptr", "w13_ptr", "act_ptr", *_ALIGN16),
                 num_warps=t1.warps, num_stages=2))
         for t2 in GEMV_S2_TILES:
@@ -120,7 +137,7 @@ def gemv_specs() -> list[KernelSpec]:
                            "out_ptr": "*bf16", "N": "i32", "K": "i32", "topk": "i32"},
                 constexprs={"BLOCK_K": t2.bk, "BLOCK_N": t2.bn, "TOPK_PAD": t2.topk_pad,
                             **({"VEC": 16} if t2.wide else {}), "PER_CHANNEL": pc,
-                            "USE_GDC": ON_CUDA},
+                            "USE_GDC": ON_CUDA, "BLOCK_SCALES": flags.block},
                 divisible_by_16=("act_ptr", "w2_ptr", "out_ptr", *_ALIGN16),
                 num_warps=t2.warps, num_stages=2))
     return specs
@@ -131,8 +148,8 @@ def gemv_variants() -> list[Variant]:
     for t1 in GEMV_S1_TILES:
         for t2 in GEMV_S2_TILES:
             kernels = {}
-            for scheme, (pc, _static) in SCHEME_FLAGS.items():
-                tag = _gemv_tag(pc)
+            for scheme, flags in SCHEME_FLAGS.items():
+                tag = _gemv_tag(flags)
                 kernels[scheme] = {Role.STAGE1: t1.kernel(tag), Role.STAGE2: t2.kernel(tag)}
             variants.append(Variant(
                 name=f"gemv_{t1.part}.{t2.part}", regime=Regime.GEMV, kernels=kernels,
@@ -267,8 +284,9 @@ FASTACC_TILES: dict[str, set[str] | None] = {
     "m64n256": {"loop4", "res4n256", "wloop4", "wloop4n128"}}
 
 
-def _prep_name(static: bool, zero_acc: bool) -> str:
-    return f"prep_{'static' if static else 'dyn'}{'_zacc' if zero_acc else ''}"
+def _prep_name(static: bool, zero_acc: bool, group: bool = False) -> str:
+    kind = "grp" if group else "static" if static else "dyn"
+    return f"prep_{kind}{'_zacc' if zero_acc else ''}"
 
 
 def _reduce_name(atomic: bool) -> str:
@@ -284,16 +302,20 @@ SCATTER = "scatter"
 
 def routing_specs() -> list[KernelSpec]:
     specs: list[KernelSpec] = []
-    for static in (False, True):
-        for zero in (False, True):
+    # (static, group): dynamic per row, static, dynamic per 128-column group (block FP8; no
+    # atomic stage 2 for block, so no accumulator to zero)
+    for static, group, zeros in ((False, False, (False, True)), (True, False, (False, True)),
+                                 (False, True, (False,))):
+        for zero in zeros:
             specs.append(KernelSpec(
-                name=_prep_name(static, zero), source="kernels.routing:moe_prep", family="prep",
+                name=_prep_name(static, zero, group), source="kernels.routing:moe_prep",
+                family="prep",
                 signature={"x_ptr": "*bf16", "xq_ptr": FP8_PTR, "a_scale_ptr": "*fp32",
                            "static_scale_ptr": "*fp32", "topk_ids_ptr": "*i32",
                            "counts_ptr": "*i32", "acc_ptr": "*fp32", "K": "i32", "topk": "i32"},
                 constexprs={"BLOCK_K": 1024, "TOPK_PAD": TOPK_PAD, "STATIC": static,
                             "ZERO_ACC": zero, "FP8_MAX": FP8_MAX, "EXACT_CAST": False,
-                            "USE_GDC": ON_CUDA},
+                            "USE_GDC": ON_CUDA, "GROUP": QBLOCK if group else 0},
                 divisible_by_16=("x_ptr", "xq_ptr", "acc_ptr", "K"), num_warps=4,
                 num_stages=1))
     for bm in sorted({bm for bm, _ in S2_TILES}):
@@ -327,15 +349,16 @@ def grouped_stage2_spec(t: GroupedStage2Tile, bm1: int, scheme: str,
                         scale_n: int = 0) -> KernelSpec:
     """Stage 2 ``t`` after a stage 1 of BLOCK_M ``bm1`` (and BLOCK_N ``scale_n``, the width
     of one activation scale, for a ``tile_scales`` tile)."""
-    pc, static = SCHEME_FLAGS[scheme]
-    consts = {"BLOCK_M": t.block_m(bm1), "BLOCK_K": t.bk, "BLOCK_N": t.bn, "PER_CHANNEL": pc,
-              "STATIC": static, "ATOMIC": t.atomic, "FP8_MAX": FP8_MAX,
-              "EXACT_CAST": False, "USE_GDC": ON_CUDA}
+    f = SCHEME_FLAGS[scheme]
+    consts = {"BLOCK_M": t.block_m(bm1), "BLOCK_K": t.bk, "BLOCK_N": t.bn,
+              "PER_CHANNEL": f.per_channel, "STATIC": f.static, "ATOMIC": t.atomic,
+              "FP8_MAX": FP8_MAX, "EXACT_CAST": False, "USE_GDC": ON_CUDA}
     if t.k_split:
         del consts["ATOMIC"]
         consts.update(K_SPLIT=t.k_split, ALIGN_M=bm1, NUM_STAGES=t.stages)
     if not t.resident:
-        consts.update(TILE_SCALES=t.tile_scales, SCALE_N=scale_n or t.bn)
+        consts.update(TILE_SCALES=t.tile_scales, SCALE_N=scale_n or t.bn,
+                      BLOCK_SCALES=f.block)
     return KernelSpec(
         name=t.kernel(scheme, bm1, scale_n), source=f"kernels.grouped:{t.function()}",
         family="grouped_stage2",
@@ -354,11 +377,11 @@ def grouped_stage2_specs() -> list[KernelSpec]:
     """Every stage-2 tile whose scales are per row, for every scheme (the tile_scales ones
     are made per stage-1 tile in :func:`grouped_space`)."""
     return [grouped_stage2_spec(t, bm1, scheme) for (bm1, _kind), t in S2_TILES.items()
-            if not t.tile_scales for scheme in SCHEME_FLAGS]
+            if not t.tile_scales for scheme, f in SCHEME_FLAGS.items() if not f.block]
 
 
 def grouped_stage1_spec(t: GroupedStage1Tile, scheme: str, promote: bool) -> KernelSpec:
-    pc, static = SCHEME_FLAGS[scheme]
+    f = SCHEME_FLAGS[scheme]
     return KernelSpec(
         name=t.kernel(scheme, promote), source="kernels.grouped:moe_grouped_stage1",
         family="grouped_stage1",
@@ -368,9 +391,10 @@ def grouped_stage1_spec(t: GroupedStage1Tile, scheme: str, promote: bool) -> Ker
                    "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32",
                    "total_ptr": "*i32", "actq_ptr": FP8_PTR, "act_scale_ptr": "*fp32",
                    "N": "i32", "K": "i32", "topk": "i32", "num_pairs": "i32"},
-        constexprs={"BLOCK_M": t.bm, "BLOCK_N": t.bn, "BLOCK_K": t.bk, "PER_CHANNEL": pc,
-                    "STATIC": static, "PROMOTE": promote, "FP8_MAX": FP8_MAX,
-                    "EXACT_CAST": False, "USE_GDC": ON_CUDA},
+        constexprs={"BLOCK_M": t.bm, "BLOCK_N": t.bn, "BLOCK_K": t.bk,
+                    "PER_CHANNEL": f.per_channel, "STATIC": f.static, "PROMOTE": promote,
+                    "FP8_MAX": FP8_MAX, "EXACT_CAST": False, "USE_GDC": ON_CUDA,
+                    "BLOCK_SCALES": f.block},
         divisible_by_16=("xq_ptr", "w13_ptr", "actq_ptr", *_ALIGN16),
         num_warps=t.warps, num_stages=t.stages)
 
@@ -401,9 +425,15 @@ def grouped_space() -> tuple[list[KernelSpec], list[Variant]]:
             kernels: dict[str, dict[Role, str]] = {}
             max_n: dict[str, int] = {}
             act_group: dict[str, int] = {}
-            for scheme, (_pc, static) in SCHEME_FLAGS.items():
+            for scheme, f in SCHEME_FLAGS.items():
+                static = f.static
                 if not static and t.bn < 128 and not s2.tile_scales:
                     continue  # one scale per row wants the row in one tile
+                if f.block and (not s2.tile_scales or QBLOCK % s2.bn or t.bk != QBLOCK
+                                or mode.fastacc):
+                    # block FP8: activation scales per tile and w2 block scales per N chunk
+                    # (a chunk inside one block); its stage 1 always promotes per K block
+                    continue
                 if s2.tile_scales and (static or t.bn % s2.bn):
                     continue  # static scales are per tensor; a chunk may not straddle tiles
                 spec = s1_specs.setdefault(t.kernel(scheme, promote),
@@ -416,7 +446,8 @@ def grouped_space() -> tuple[list[KernelSpec], list[Variant]]:
                 else:
                     s2_name = s2.kernel(scheme, t.bm)
                 kernels[scheme] = {
-                    Role.PREP: _prep_name(static, s2.atomic), Role.ALIGN: _align_name(t.bm),
+                    Role.PREP: _prep_name(static, s2.atomic, f.block),
+                    Role.ALIGN: _align_name(t.bm),
                     Role.SCATTER: SCATTER, Role.STAGE1: spec.name,
                     Role.STAGE2: s2_name, Role.REDUCE: _reduce_name(s2.atomic)}
                 if not static and not s2.tile_scales:

@@ -13,13 +13,19 @@ FP8 = torch.float8_e4m3fn
 #: single variants are held to 1e-2 (the product gate in reference.py is looser)
 TIGHT = dict(rel_fro_max=1e-2, mean_rel_abs_max=1e-2)
 ARGS = ("x", "w13", "w2", "w13_scale", "w2_scale", "topk_weights", "topk_ids")
+#: the schemes with per-tensor or per-channel weight scales: the tests at N < 128 (block FP8
+#: needs N in whole 128 blocks and has its own tests, tests/test_pipeline_block_cpu.py)
+ROW_SCHEMES = [s for s in Scheme if not s.block_weights]
 
 
 def make_weights(shape: MoEShape, scheme: Scheme, g: torch.Generator, device="cpu") -> dict:
     E, K, N = shape.E, shape.K, shape.N
     w13 = (torch.randn(E, 2 * N, K, generator=g, device=device) * 64).clamp(-448, 448).to(FP8)
     w2 = (torch.randn(E, K, N, generator=g, device=device) * 64).clamp(-448, 448).to(FP8)
-    if scheme.per_channel_weights:
+    if scheme.block_weights:  # vLLM's weight_scale_inv: one scale per 128 x 128 block
+        s13 = torch.rand(E, 2 * N // 128, K // 128, generator=g, device=device) * 2e-3 + 5e-4
+        s2 = torch.rand(E, K // 128, N // 128, generator=g, device=device) * 2e-3 + 5e-4
+    elif scheme.per_channel_weights:
         s13 = torch.rand(E, 2 * N, generator=g, device=device) * 2e-3 + 5e-4
         s2 = torch.rand(E, K, generator=g, device=device) * 2e-3 + 5e-4
     else:

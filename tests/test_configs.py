@@ -55,6 +55,8 @@ def test_shipped_untuned_files_are_reproducible(tmp_path):
     names = sorted(p.name for p in written)
     assert names == ["hy3_fp8_per_tensor_tp1_ep8.untuned.csv",
                      "hy3_fp8_per_tensor_tp8.untuned.csv",
+                     "qwen3.5-397b-a17b-fp8_fp8_block_tp1_ep8.untuned.csv",
+                     "qwen3.5-397b-a17b-fp8_fp8_block_tp8.untuned.csv",
                      "qwen3.5-397b-a17b_fp8_ptpc_tp1_ep8.untuned.csv",
                      "qwen3.5-397b-a17b_fp8_ptpc_tp8.untuned.csv"]
     for p in written:

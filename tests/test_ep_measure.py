@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests._problems import ROW_SCHEMES
 from vllm_moe_aot.dispatch.configs import (
     RowKey,
     generate_untuned,
@@ -33,7 +34,7 @@ def test_ep_problem_routes_over_every_rank_and_maps_rank_zero():
     assert shape.flops(8) == pytest.approx(2 * 8 * 3 / 4 * 3 * 64 * 128)
 
 
-@pytest.mark.parametrize("scheme", list(Scheme), ids=lambda s: s.value)
+@pytest.mark.parametrize("scheme", ROW_SCHEMES, ids=lambda s: s.value)
 def test_torch_peer_with_an_expert_map(scheme):
     p = make_problem(MoEShape(E=4, K=256, N=64, topk=3, ep=2), scheme, 13, "cpu", seed=5)
     p.topk_ids[0] = torch.tensor([4, 5, 6], dtype=torch.int32)  # nothing local
@@ -86,6 +87,8 @@ def test_generate_writes_tp8_and_ep8_files(tmp_path):
     names = sorted(p.name for p in generate_untuned(tmp_path))
     assert names == sorted([
         "hy3_fp8_per_tensor_tp1_ep8.untuned.csv", "hy3_fp8_per_tensor_tp8.untuned.csv",
+        "qwen3.5-397b-a17b-fp8_fp8_block_tp1_ep8.untuned.csv",
+        "qwen3.5-397b-a17b-fp8_fp8_block_tp8.untuned.csv",
         "qwen3.5-397b-a17b_fp8_ptpc_tp1_ep8.untuned.csv",
         "qwen3.5-397b-a17b_fp8_ptpc_tp8.untuned.csv"])
     keys, issues = read_untuned(tmp_path / "hy3_fp8_per_tensor_tp1_ep8.untuned.csv")

@@ -11,7 +11,8 @@ device, token budget) gets the same pipeline and so the same buffers, since laye
 after another on one stream.
 
 Inputs (vLLM's layout): ``x`` bf16 ``[M, K]``; ``w13`` fp8 ``[E, 2N, K]`` (gate rows, then up);
-``w2`` fp8 ``[E, K, N]``; scales fp32, ``[E]`` per tensor or ``[E, 2N]`` / ``[E, K]`` for ptpc;
+``w2`` fp8 ``[E, K, N]``; scales fp32, ``[E]`` per tensor, ``[E, 2N]`` / ``[E, K]`` for ptpc,
+``[E, 2N/128, K/128]`` / ``[E, K/128, N/128]`` for block FP8 (``FusedMoE.scale_shapes``);
 ``a13_scale`` / ``a2_scale`` one-element fp32 tensors for the static scheme; ``topk_weights``
 fp32 ``[M, topk]``; ``topk_ids`` int32 ``[M, topk]`` with values in ``[0, E)``; ``out`` bf16
 ``[M, K]``. All contiguous.
@@ -34,7 +35,7 @@ import torch
 
 from vllm_moe_aot import caches
 from vllm_moe_aot.contract import Regime, Role, Variant, fp8_dtype_name
-from vllm_moe_aot.shapes import MoEShape, Scheme, unsupported_reason
+from vllm_moe_aot.shapes import WEIGHT_BLOCK, MoEShape, Scheme, unsupported_reason
 
 #: Token chunk the workspace is sized for when a caller asks for more.
 MAX_CHUNK_TOKENS = 16384
@@ -46,6 +47,13 @@ MIN_CHUNK_TOKENS = 256
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _fp8_dtype(target: str) -> torch.dtype:
@@ -66,7 +74,7 @@ class Workspace:
     """
 
     def __init__(self, shape: MoEShape, device: torch.device, tokens: int, max_block_m: int,
-                 fp8: torch.dtype, scale_tiles: int = 1):
+                 fp8: torch.dtype, scale_tiles: int = 1, x_groups: int = 1):
         E, K, N, topk = shape.E, shape.K, shape.N, shape.topk
         pairs = tokens * topk
         max_rows = self.max_rows(shape, tokens, max_block_m)
@@ -75,7 +83,7 @@ class Workspace:
         self.tokens = tokens
         self.act = torch.empty(pairs, N, **f32)  # gemv intermediate
         self.xq = torch.empty(tokens, K, dtype=fp8, device=device)
-        self.a_scale = torch.empty(tokens, **f32)
+        self.a_scale = torch.empty(tokens * x_groups, **f32)  # per row (block FP8: group)
         self.local_ids = torch.empty(pairs, **i32)  # topk_ids mapped through an expert_map
         self.counts = torch.zeros(E, **i32)
         self.cursor = torch.empty(E, **i32)
@@ -177,8 +185,10 @@ class FusedMoE:
         s1_bn = [st[Role.STAGE1].consts["BLOCK_N"] for name, st in self._stages.items()
                  if self._variants[name].regime is Regime.GROUPED]
         tiles = _cdiv(shape.N, min(s1_bn)) if s1_bn and not scheme.static_activations else 1
+        # block FP8 quantises x per 128-column group
+        groups = shape.K // WEIGHT_BLOCK[1] if scheme.block_weights else 1
         self.chunk = Workspace.chunk_tokens(shape, max_tokens, max_bm, tiles)
-        self.ws = Workspace(shape, self.device, self.chunk, max_bm, self.fp8, tiles)
+        self.ws = Workspace(shape, self.device, self.chunk, max_bm, self.fp8, tiles, groups)
 
     @classmethod
     def shared(cls, shape: MoEShape, scheme: Scheme, device: torch.device | str,
@@ -202,6 +212,18 @@ class FusedMoE:
             raise
         with _shared_lock:
             return _shared.setdefault(key, moe)
+
+    @property
+    def scale_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The weight scales ``run`` takes (their element counts are checked): ``[E]`` per
+        tensor, ``[E, 2N]`` / ``[E, K]`` per channel, vLLM's ``weight_scale_inv``
+        ``[E, 2N/128, K/128]`` / ``[E, K/128, N/128]`` per block."""
+        s, (bn, bk) = self.shape, WEIGHT_BLOCK
+        if self.scheme.block_weights:
+            return (s.E, 2 * s.N // bn, s.K // bk), (s.E, s.K // bn, s.N // bk)
+        if self.scheme.per_channel_weights:
+            return (s.E, 2 * s.N), (s.E, s.K)
+        return (s.E,), (s.E,)
 
     @property
     def variants(self) -> list[str]:
@@ -346,12 +368,11 @@ class FusedMoE:
                 not w2.is_contiguous():
             problems.append(f"w2 must be contiguous {self.fp8} [{s.E}, {s.K}, {s.N}], got "
                             f"{w2.dtype} {tuple(w2.shape)}")
-        n13, n2 = (2 * s.N, s.K) if self.scheme.per_channel_weights else (1, 1)
-        for name, t, per_e in (("w13_scale", w13_scale, n13), ("w2_scale", w2_scale, n2)):
-            if t.dtype != torch.float32 or t.numel() != s.E * per_e or not t.is_contiguous():
-                problems.append(f"{name} must be contiguous fp32 with {s.E}x{per_e} "
-                                f"elements for {self.scheme.value}, got {t.dtype} "
-                                f"{tuple(t.shape)}")
+        for name, t, want in (("w13_scale", w13_scale, self.scale_shapes[0]),
+                              ("w2_scale", w2_scale, self.scale_shapes[1])):
+            if t.dtype != torch.float32 or t.numel() != _numel(want) or not t.is_contiguous():
+                problems.append(f"{name} must be contiguous fp32 {list(want)} for "
+                                f"{self.scheme.value}, got {t.dtype} {tuple(t.shape)}")
         if tuple(ids.shape) != (M, s.topk) or ids.dtype != torch.int32 or \
                 not ids.is_contiguous():
             problems.append(f"topk_ids must be contiguous int32 [{M}, {s.topk}], got "

@@ -19,10 +19,17 @@ class Scheme(str, enum.Enum):
     FP8_PER_TENSOR_DYNAMIC = "fp8_per_tensor_dynamic"
     #: per-output-channel weight scales, dynamic per-token activation scales
     FP8_PTPC = "fp8_ptpc"
+    #: one weight scale per 128 x 128 block (vLLM's ``weight_scale_inv``), activations
+    #: quantised dynamically per token in groups of 128 columns (the official FP8 checkpoints)
+    FP8_BLOCK = "fp8_block"
 
     @property
     def per_channel_weights(self) -> bool:
         return self is Scheme.FP8_PTPC
+
+    @property
+    def block_weights(self) -> bool:
+        return self is Scheme.FP8_BLOCK
 
     @property
     def static_activations(self) -> bool:
@@ -30,13 +37,17 @@ class Scheme(str, enum.Enum):
 
     @property
     def family(self) -> str:
-        """The two names configs and users speak of: ``fp8_per_tensor`` or ``fp8_ptpc``."""
-        return "fp8_ptpc" if self is Scheme.FP8_PTPC else "fp8_per_tensor"
+        """The names configs and users speak of: ``fp8_per_tensor``, ``fp8_ptpc`` or
+        ``fp8_block``."""
+        if self in (Scheme.FP8_PTPC, Scheme.FP8_BLOCK):
+            return self.value
+        return "fp8_per_tensor"
 
     @classmethod
     def parse(cls, name: str) -> Scheme:
         """Accept the enum value or the family name (``fp8_per_tensor`` means static)."""
-        aliases = {"fp8_per_tensor": cls.FP8_PER_TENSOR_STATIC, "ptpc": cls.FP8_PTPC}
+        aliases = {"fp8_per_tensor": cls.FP8_PER_TENSOR_STATIC, "ptpc": cls.FP8_PTPC,
+                   "block": cls.FP8_BLOCK}
         if name in aliases:
             return aliases[name]
         try:
@@ -111,6 +122,11 @@ PRESETS: dict[str, Preset] = {
         "hy3", MoEShape(E=192, K=4096, N=192, topk=8), Scheme.FP8_PER_TENSOR_STATIC,
         "tencent/Hunyuan3 (Hy3-FP8)",
     ),
+    # the official FP8 checkpoint: weight_block_size [128, 128], dynamic 1x128 activations
+    "qwen3.5-397b-a17b-fp8": Preset(
+        "qwen3.5-397b-a17b-fp8", MoEShape(E=512, K=4096, N=128, topk=10), Scheme.FP8_BLOCK,
+        "Qwen/Qwen3.5-397B-A17B-FP8",
+    ),
 }
 
 #: Token counts the shipped configs are tuned for: 1, 2, 4, ..., 131072.
@@ -126,6 +142,8 @@ MAX_N = 16384
 N_MULTIPLE = 32
 MAX_E = 1024
 MAX_TOPK = 16
+#: the weight block (rows x columns) and activation group of ``fp8_block``: the one built
+WEIGHT_BLOCK = (128, 128)
 
 
 def unsupported_reason(shape: MoEShape, scheme: Scheme | str | None = None) -> str | None:
@@ -139,6 +157,10 @@ def unsupported_reason(shape: MoEShape, scheme: Scheme | str | None = None) -> s
         return f"hidden size K={shape.K} must be a multiple of {K_MULTIPLE} up to {MAX_K}"
     if not (N_MULTIPLE <= shape.N <= MAX_N and shape.N % N_MULTIPLE == 0):
         return f"intermediate size N={shape.N} must be a multiple of {N_MULTIPLE} up to {MAX_N}"
+    if scheme is not None and Scheme.parse(str(getattr(scheme, "value", scheme))).block_weights \
+            and shape.N % WEIGHT_BLOCK[0]:
+        return (f"intermediate size N={shape.N} must be a multiple of the {WEIGHT_BLOCK[0]}-row "
+                "weight block for block FP8")
     if not 1 <= shape.E <= MAX_E:
         return f"expert count E={shape.E} must be between 1 and {MAX_E}"
     if shape.ep < 1:

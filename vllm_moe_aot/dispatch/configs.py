@@ -55,7 +55,7 @@ TUNED_COLUMNS: tuple[str, ...] = KEY_COLUMNS + RESULT_COLUMNS
 UNTUNED_COLUMNS: tuple[str, ...] = KEY_COLUMNS
 
 ACTIVATIONS = ("silu",)
-SCHEME_FAMILIES = ("fp8_ptpc", "fp8_per_tensor")
+SCHEME_FAMILIES = ("fp8_ptpc", "fp8_per_tensor", "fp8_block")
 BACKENDS = ("aot", "stock")
 #: what :meth:`DispatchTable.choose` returns for the stock path
 from vllm_moe_aot.contract import STOCK  # noqa: E402  (re-exported)
@@ -154,7 +154,8 @@ class TunedRow:
 
 
 def scheme_family(scheme: Scheme | str) -> str:
-    """``fp8_ptpc`` or ``fp8_per_tensor`` for a :class:`Scheme` or any name it parses."""
+    """``fp8_ptpc``, ``fp8_per_tensor`` or ``fp8_block`` for a :class:`Scheme` or any name it
+    parses."""
     if isinstance(scheme, Scheme):
         return scheme.family
     if scheme in SCHEME_FAMILIES:

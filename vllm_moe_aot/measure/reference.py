@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_moe_aot.shapes import Scheme
+from vllm_moe_aot.shapes import WEIGHT_BLOCK, Scheme
 
 #: Thresholds of :func:`gate`, against the float64 reference of the same semantics. Stricter
 #: than vLLM's own FP8 MoE tests (mean relative error < 0.05); vLLM's stock Triton path
@@ -132,7 +132,9 @@ def reference_moe(
 
     ``weight_block`` (block FP8): scales are ``[E, ceil(2N/bn), ceil(K/bk)]`` /
     ``[E, ceil(K/bn), ceil(N/bk)]`` and activations are quantised per token per ``bk`` columns
-    (see the module docstring); ``scheme`` must then be a dynamic one.
+    (see the module docstring); ``scheme`` must then be a dynamic one. ``Scheme.FP8_BLOCK``
+    implies ``weight_block=WEIGHT_BLOCK``; its intermediate follows ``act_group`` where a
+    variant re-quantises per wider N tile.
     """
     scheme = Scheme.parse(scheme) if isinstance(scheme, str) else scheme
     fp8 = w13.dtype
@@ -140,6 +142,8 @@ def reference_moe(
     N = N2 // 2
     M, topk = topk_ids.shape
     xd = x.detach().cpu().double()
+    if scheme.block_weights and weight_block is None:
+        weight_block = WEIGHT_BLOCK
     if weight_block is not None:
         if scheme.static_activations:
             raise ValueError("block FP8 quantises activations dynamically, not with "
@@ -161,8 +165,8 @@ def reference_moe(
                              f"{local.numel()}")
     out = torch.zeros(M, K, dtype=torch.float64)
     def q(t: torch.Tensor, static_scale, group: int) -> torch.Tensor:
-        if weight_block is not None:
-            return group_quant(t, weight_block[1], fp8)
+        if weight_block is not None:  # per 128 columns, or per the variant's wider N tile
+            return group_quant(t, group or weight_block[1], fp8)
         return _act_quant(t, scheme, static_scale, fp8, group)
 
     a1 = q(xd, a13_scale, 0) if quantize_activations else xd

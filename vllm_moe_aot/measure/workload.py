@@ -6,8 +6,9 @@
 - weights drawn in float (``w13`` rows ~ N(0, 1/K), ``w2`` rows ~ N(0, 1/N), with a log-normal
   spread between output channels and between experts), then quantised the way checkpoints are:
   scale = amax / FP8_MAX per output channel (ptpc: ``w13_scale [E, 2N]``, ``w2_scale [E, K]``)
-  or per expert (per tensor: ``[E]``), so the fp8 values span the format's range and the scales
-  are small positive numbers;
+  or per 128 x 128 block (block FP8: ``[E, 2N/128, K/128]``, ``[E, K/128, N/128]``) or per
+  expert (per tensor: ``[E]``), so the fp8 values span the format's range and the scales are
+  small positive numbers;
 - static activation scales (``fp8_per_tensor_static`` only) calibrated from the data:
   ``a13 = amax(x) / FP8_MAX``, ``a2 = amax(intermediate) / FP8_MAX`` over a sample of tokens;
 - routing: ``softmax(randn(M, E))``'s top-k (distinct experts per token), renormalised to sum
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_moe_aot.measure.reference import fp8_max, reference_moe
-from vllm_moe_aot.shapes import MoEShape, Scheme
+from vllm_moe_aot.shapes import WEIGHT_BLOCK, MoEShape, Scheme
 
 #: Elements generated per chunk when drawing weights (bounds temporary float32 memory).
 _CHUNK_ELEMS = 1 << 26
@@ -120,20 +121,30 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
 
 
 def _quantized_weights(E: int, rows: int, cols: int, per_channel: bool, fp8: torch.dtype,
-                       device: torch.device, gen: torch.Generator
+                       device: torch.device, gen: torch.Generator, block: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp8 ``[E, rows, cols]`` with scales ``[E, rows]`` (per channel) or ``[E]``: rows of
-    N(0, 1/cols) with a log-normal channel and expert spread, quantised at amax / FP8_MAX."""
+    """fp8 ``[E, rows, cols]`` with scales ``[E, rows]`` (per channel), ``[E, rows/128,
+    cols/128]`` (block) or ``[E]``: rows of N(0, 1/cols) with a log-normal channel and expert
+    spread, quantised at amax / FP8_MAX of the channel, block or expert."""
     fmax = fp8_max(fp8)
     q = torch.empty(E, rows, cols, dtype=fp8, device=device)
-    scale = torch.empty((E, rows) if per_channel else (E,), dtype=torch.float32, device=device)
+    bn, bk = WEIGHT_BLOCK
+    shape = (E, rows // bn, cols // bk) if block else (E, rows) if per_channel else (E,)
+    scale = torch.empty(shape, dtype=torch.float32, device=device)
     per_chunk = max(1, _CHUNK_ELEMS // (rows * cols))
     for e0 in range(0, E, per_chunk):
         e1 = min(E, e0 + per_chunk)
         w = torch.randn(e1 - e0, rows, cols, generator=gen, device=device)
         spread = torch.exp(0.25 * torch.randn(e1 - e0, rows, 1, generator=gen, device=device))
         w *= spread / math.sqrt(cols)
-        if per_channel:
+        if block:
+            blocks = w.reshape(e1 - e0, rows // bn, bn, cols // bk, bk)
+            s = blocks.abs().amax(dim=(2, 4)) / fmax  # [e, rows/bn, cols/bk]
+            s.clamp_(min=1e-12)
+            full = s.repeat_interleave(bn, 1).repeat_interleave(bk, 2)
+            q[e0:e1] = (w / full).clamp_(-fmax, fmax).to(fp8)
+            del blocks, full
+        elif per_channel:
             s = w.abs().amax(dim=2) / fmax  # [e, rows]
             s.clamp_(min=1e-12)
             q[e0:e1] = (w / s.unsqueeze(2)).clamp_(-fmax, fmax).to(fp8)
@@ -194,9 +205,9 @@ def make_problem(shape: MoEShape, scheme: Scheme | str, M: int,
     fp8 = fp8_dtype or default_fp8_dtype(device)
     gen = _generator(device, seed)
     E, K, N, topk = shape.E, shape.K, shape.N, shape.topk
-    pc = scheme.per_channel_weights
-    w13, s13 = _quantized_weights(E, 2 * N, K, pc, fp8, device, gen)
-    w2, s2 = _quantized_weights(E, K, N, pc, fp8, device, gen)
+    pc, blk = scheme.per_channel_weights, scheme.block_weights
+    w13, s13 = _quantized_weights(E, 2 * N, K, pc, fp8, device, gen, blk)
+    w2, s2 = _quantized_weights(E, K, N, pc, fp8, device, gen, blk)
     x = torch.randn(M, K, generator=gen, device=device).to(torch.bfloat16)
     tw, ids = _routing(M, shape.global_experts, topk, device, gen)
     expert_map = None

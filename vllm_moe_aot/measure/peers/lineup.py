@@ -106,6 +106,8 @@ def _vllm_triton(dev: torch.device, prefer: str | None) -> tuple[Peer | None, st
 def _vllm_cutlass(dev: torch.device, scheme: Scheme) -> tuple[Peer | None, str]:
     from vllm_moe_aot.measure.peers import vllm_cutlass
 
+    if scheme.block_weights:
+        return None, "vLLM's CUTLASS MoE takes per-tensor or per-channel scales, not 128x128 blocks"
     why = vllm_cutlass.unavailable_reason()
     if why is not None:
         return None, why
@@ -116,6 +118,8 @@ def _vllm_cutlass(dev: torch.device, scheme: Scheme) -> tuple[Peer | None, str]:
 def _torch(dev: torch.device, scheme: Scheme, name: str) -> tuple[Peer | None, str]:
     from vllm_moe_aot.measure.peers.torch_grouped import GroupedGemmBound, TorchGroupedMoE
 
+    if scheme.block_weights:
+        return None, "torch._scaled_grouped_mm takes row-wise scales, not 128x128 blocks"
     if not hasattr(torch, "_scaled_grouped_mm"):
         return None, "this torch has no torch._scaled_grouped_mm"
     major, _minor = torch.cuda.get_device_capability(dev)

@@ -59,7 +59,10 @@ class StockProvider:
         parallelism; ``topk_ids`` are then global ids."""
         scheme = Scheme.parse(scheme) if isinstance(scheme, str) else scheme
         E = w13.shape[0]
-        if scheme.per_channel_weights:
+        if scheme.block_weights:  # vLLM's weight_scale_inv, as they are
+            s13, s2 = w13_scale, w2_scale
+            a13 = a2 = None
+        elif scheme.per_channel_weights:
             shape13, shape2 = (E, w13.shape[1]), (E, w2.shape[1])
             if self._channel_scale_3d:
                 shape13, shape2 = (*shape13, 1), (*shape2, 1)
@@ -104,10 +107,11 @@ def _vllm_impl() -> Callable[..., torch.Tensor]:
             use_fp8_w8a8=True, use_int8_w8a8=False, use_int8_w8a16=False,
             use_int4_w4a16=False, ocp_mx_scheme=None,
             per_channel_quant=family == "fp8_ptpc",
+            block_shape=[128, 128] if family == "fp8_block" else None,
             global_num_experts=-1 if expert_map is None else expert_map.numel(),
             expert_map=expert_map,
             w1_scale=s13, w2_scale=s2, w1_zp=None, w2_zp=None, a1_scale=a13, a2_scale=a2,
-            block_shape=None, w1_bias=None, w2_bias=None)
+            w1_bias=None, w2_bias=None)
 
     return impl
 
