@@ -17,7 +17,12 @@ from vllm_moe_aot.dispatch.configs import (
 )
 from vllm_moe_aot.measure.peers.torch_grouped import TorchGroupedMoE
 from vllm_moe_aot.measure.reference import gate
-from vllm_moe_aot.measure.workload import expected_experts_touched, make_problem
+from vllm_moe_aot.measure.workload import (
+    MIN_EP_SETS,
+    expected_experts_touched,
+    make_problem,
+    rotation_count,
+)
 from vllm_moe_aot.shapes import PRESETS, MoEShape, Scheme, unsupported_reason
 
 
@@ -104,3 +109,14 @@ def test_shape_parse_and_str_with_ep():
     assert "ep=0" in unsupported_reason(MoEShape(4, 128, 64, 2, ep=0))
     # topk is bounded by the experts routed over, not the local ones
     assert unsupported_reason(MoEShape(2, 128, 64, 4, ep=4)) is None
+
+
+def test_ep_layers_are_timed_over_several_routing_draws():
+    """A rank's share of a batch varies with the routing: EP layers rotate through at least
+    MIN_EP_SETS problems even when one set's weights already exceed the L2 several times."""
+    tp = MoEShape(E=512, K=4096, N=128, topk=10)
+    ep = MoEShape(E=64, K=4096, N=1024, topk=10, ep=8)
+    l2 = 50 << 20
+    assert rotation_count(tp, 4096, l2) == 1
+    assert rotation_count(ep, 32, l2) == MIN_EP_SETS
+    assert rotation_count(ep, 32, l2, free_bytes=2 * 805 << 20) == 1  # memory still bounds it

@@ -244,13 +244,22 @@ def set_bytes(shape: MoEShape, M: int, experts: float | None = None) -> float:
     return experts * shape.weight_bytes_per_expert() + 4.0 * M * shape.K
 
 
+#: input sets an expert-parallel layer is timed over at least: a rank's share of a batch is
+#: binomial (Qwen3.5 EP8 at M = 32: 40 +- 6 local pairs), so one routing draw can be 30% off
+#: the mean; the time of a rotation averages the draws
+MIN_EP_SETS = 4
+
+
 def rotation_count(shape: MoEShape, M: int, l2_bytes: int, free_bytes: int | None = None,
                    max_sets: int = 16, l2_factor: float = 4.0) -> int:
     """How many independent input sets to rotate through so the bytes touched between two
-    uses of one set exceed ``l2_factor`` x the L2 size; bounded by ``max_sets`` and by half of
-    ``free_bytes`` (each set holds a full copy of the weights)."""
+    uses of one set exceed ``l2_factor`` x the L2 size (and at least MIN_EP_SETS under expert
+    parallelism); bounded by ``max_sets`` and by half of ``free_bytes`` (each set holds a full
+    copy of the weights)."""
     per_call = set_bytes(shape, M)
     want = max(1, math.ceil(l2_factor * l2_bytes / max(per_call, 1.0)))
+    if shape.ep > 1:
+        want = max(want, MIN_EP_SETS)
     sets = min(max_sets, want)
     if free_bytes is not None:
         E, K, N = shape.E, shape.K, shape.N
