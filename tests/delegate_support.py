@@ -21,6 +21,12 @@ pipeline_kind = support.pipeline_kind  # fixture
 
 
 SHAPE = MoEShape(E=16, K=128, N=32, topk=2)
+#: the block FP8 kinds' shape (N and K multiples of the 128x128 weight block)
+BLOCK_SHAPE = MoEShape(E=16, K=128, N=128, topk=2)
+
+
+def shape_of(kind: str) -> MoEShape:
+    return BLOCK_SHAPE if kind in support.BLOCK_KINDS else SHAPE
 
 FP8_MODULE = "vllm.model_executor.layers.quantization.fp8"
 ONLINE_MODULE = "vllm.model_executor.layers.quantization.online.fp8"
@@ -38,6 +44,8 @@ KINDS = {
                                       Scheme.FP8_PER_TENSOR_DYNAMIC)),
     "online_ptpc": (ONLINE_MODULE, (P.QuantMethod.ONLINE, Scheme.FP8_PTPC)),
     "online_tensor": (ONLINE_MODULE, (P.QuantMethod.ONLINE, Scheme.FP8_PER_TENSOR_DYNAMIC)),
+    "fp8_block": (FP8_MODULE, (P.QuantMethod.FP8, Scheme.FP8_BLOCK)),
+    "ct_block": (CT_MODULE, (P.QuantMethod.COMPRESSED_TENSORS, Scheme.FP8_BLOCK)),
 }
 
 H100 = P.PlatformFlags(arch="sm_90a", flashinfer_cutlass_moe=True)
@@ -48,6 +56,10 @@ MACHINES = {
     "no-flashinfer": H100_NO_FI,
     "no-cutlass-gemm": P.PlatformFlags(arch="sm_90a", cutlass_grouped_gemm=False),
     "no-humming": P.PlatformFlags(arch="sm_90a", humming=False),
+    # vLLM's CUDA wheel vendors DeepGEMM; without it (or VLLM_USE_DEEP_GEMM=0) block FP8 under
+    # EP goes to Triton when FlashInfer is not usable
+    "no-deep-gemm": P.PlatformFlags(arch="sm_90a", flashinfer_cutlass_moe=False,
+                                    deep_gemm=False),
 }
 
 #: what the table in docs/vllm-integration.md says vLLM picks on an H100/H200 (FlashInfer
@@ -60,6 +72,9 @@ TABLE = {
     "ct_tensor_dynamic": ("HUMMING", "HUMMING"),
     "online_ptpc": ("VLLM_CUTLASS", "VLLM_CUTLASS"),
     "online_tensor": ("TRITON", "TRITON"),
+    # under TP vLLM moves Triton to the front for block FP8 on sm_90
+    "fp8_block": ("TRITON", "TRITON"),
+    "ct_block": ("TRITON", "TRITON"),
 }
 
 #: the backends AotExperts may delegate to, as a spec (not read from providers): vLLM converts
@@ -78,6 +93,7 @@ class Sm90:
         import vllm._custom_ops as ops
         import vllm.platforms
         from vllm.model_executor.layers.fused_moe.experts import (
+            deep_gemm_moe,
             flashinfer_cutlass_moe,
             fused_humming_moe,
         )
@@ -96,6 +112,8 @@ class Sm90:
         monkeypatch.setattr(flashinfer_cutlass_moe, "has_flashinfer_cutlass_fused_moe",
                             lambda: self.flags.flashinfer_cutlass_moe)
         monkeypatch.setattr(fused_humming_moe, "has_humming", lambda: self.flags.humming)
+        monkeypatch.setattr(deep_gemm_moe, "is_deep_gemm_supported",
+                            lambda: self.flags.deep_gemm)
         self._monkeypatch = monkeypatch
 
     def set(self, flags: P.PlatformFlags) -> Sm90:
@@ -167,8 +185,9 @@ class Selection:
 
 
 def _build(kind: str, load: bool = False):
+    shape = shape_of(kind)
     with support.cpu_vllm():
-        return support.make_layer(kind, SHAPE.E, SHAPE.K, SHAPE.N, SHAPE.topk, load=load)
+        return support.make_layer(kind, shape.E, shape.K, shape.N, shape.topk, load=load)
 
 
 def _selection_arguments(monkeypatch, kind: str) -> dict:

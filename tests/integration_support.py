@@ -43,6 +43,12 @@ _prefixes = itertools.count()
 #: the schemes the hook takes, as the layer kinds these helpers build
 KINDS = ("fp8_static", "fp8_dynamic", "ct_channel_token", "ct_tensor_static",
          "ct_tensor_dynamic", "online_ptpc", "online_tensor")
+#: block FP8 (128x128 weight blocks, activations per token per 128 columns): FP8 checkpoints
+#: with ``weight_block_size: [128, 128]`` and compressed-tensors ``strategy: block``; their N
+#: and K must be multiples of 128 (:data:`BLOCK_SHAPE`)
+BLOCK_KINDS = ("fp8_block", "ct_block")
+#: block FP8 layers that are not taken: 64x64 weight blocks
+OTHER_BLOCK_KINDS = ("fp8_block64", "ct_block64")
 
 
 # --- torch stand-ins for vLLM's compiled ops ---------------------------------------------------
@@ -64,6 +70,21 @@ def scaled_fp8_quant(input, scale=None, num_token_padding=None, scale_ub=None,
         output.copy_(q)
         q = output
     return q, scale
+
+
+def per_token_group_quant_fp8(x, group_size, eps=1e-10, dtype=None, column_major_scales=False,
+                              tma_aligned_scales=False, out_q=None, use_ue8m0=None):
+    """``fp8_utils.per_token_group_quant_fp8`` in torch (row-major fp32 scales, no UE8M0
+    rounding: what vLLM's kernel computes on a machine without DeepGEMM's E8M0)."""
+    assert not column_major_scales and not tma_aligned_scales and not use_ue8m0
+    shape = x.shape
+    g = x.float().reshape(*shape[:-1], shape[-1] // group_size, group_size)
+    scale = g.abs().amax(dim=-1, keepdim=True).clamp(min=eps) / FP8_MAX
+    q = (g / scale).clamp(-FP8_MAX, FP8_MAX).to(dtype or FP8).reshape(shape)
+    if out_q is not None:
+        out_q.copy_(q)
+        q = out_q
+    return q, scale.squeeze(-1).contiguous()
 
 
 def silu_and_mul(out: torch.Tensor, x: torch.Tensor) -> None:
@@ -104,6 +125,13 @@ def fake_ops(monkeypatch):
     import vllm.model_executor.layers.fused_moe.modular_kernel as mk
 
     monkeypatch.setattr(mk, "apply_moe_activation", apply_moe_activation, raising=False)
+    # block FP8: vLLM's per-token-group quantisation runs a CUDA op or a Triton kernel (vLLM
+    # disables Triton without a GPU driver); the name fused_moe.utils calls it by
+    from vllm.model_executor.layers.fused_moe import utils as moe_utils
+
+    calls["per_token_group_quant_fp8"] = 0
+    monkeypatch.setattr(moe_utils, "per_token_group_quant_fp8",
+                        counted("per_token_group_quant_fp8", per_token_group_quant_fp8))
     return calls
 
 
@@ -231,14 +259,38 @@ def h100_platform() -> type:
     return H100Platform
 
 
+#: block FP8 kinds -> their weight block
+BLOCKS = {"fp8_block": [128, 128], "ct_block": [128, 128], "fp8_block64": [64, 64],
+          "ct_block64": [64, 64]}
+
+
 def quant_config(kind: str):
     """vLLM's quantization config that gives the FP8 MoE method of ``kind``."""
-    if kind in ("fp8_static", "fp8_dynamic", "fp8_block"):
+    if kind in ("fp8_static", "fp8_dynamic", "fp8_block", "fp8_block64"):
         from vllm.model_executor.layers.quantization.fp8 import Fp8Config
 
         return Fp8Config(is_checkpoint_fp8_serialized=True,
                          activation_scheme="static" if kind == "fp8_static" else "dynamic",
-                         weight_block_size=[128, 128] if kind == "fp8_block" else None)
+                         weight_block_size=BLOCKS.get(kind))
+    if kind in ("ct_block", "ct_block64"):
+        from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (  # noqa: E501
+            CompressedTensorsConfig,
+        )
+
+        # llm-compressor's FP8_BLOCK scheme: static block weights, dynamic 1x128 groups
+        return CompressedTensorsConfig.from_config({
+            "format": "float-quantized",
+            "config_groups": {"group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": "block",
+                            "block_structure": BLOCKS[kind], "dynamic": False,
+                            "symmetric": True},
+                "input_activations": {"num_bits": 8, "type": "float", "strategy": "group",
+                                      "group_size": 128, "dynamic": True, "symmetric": True},
+            }},
+            "ignore": [],
+            "quant_method": "compressed-tensors",
+        })
     if kind.startswith("ct_"):
         from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (  # noqa: E501
             CompressedTensorsConfig,
@@ -281,7 +333,9 @@ def scheme_of(kind: str):
             "ct_tensor_dynamic": Scheme.FP8_PER_TENSOR_DYNAMIC,
             "online_tensor": Scheme.FP8_PER_TENSOR_DYNAMIC,
             "ct_channel_token": Scheme.FP8_PTPC,
-            "online_ptpc": Scheme.FP8_PTPC}[kind]
+            "online_ptpc": Scheme.FP8_PTPC,
+            "fp8_block": Scheme.FP8_BLOCK,
+            "ct_block": Scheme.FP8_BLOCK}[kind]
 
 
 @dataclass
@@ -315,6 +369,22 @@ def ep_parallel_config(ep_size: int = 2, ep_rank: int = 0, dp_size: int = 1,
 
 
 @contextlib.contextmanager
+def one_tp_rank():
+    """vLLM's block-FP8 shape checks ask the TP group's size, which a CPU test has no group
+    for: one rank (the layers are built with ``tp_size=1``)."""
+    from unittest import mock
+
+    import vllm.distributed
+    import vllm.model_executor.layers.quantization.fp8 as fp8
+
+    with mock.patch.object(vllm.distributed, "get_tensor_model_parallel_world_size",
+                           lambda *a, **k: 1), \
+            mock.patch.object(fp8, "get_tensor_model_parallel_world_size",
+                              lambda *a, **k: 1):
+        yield
+
+
+@contextlib.contextmanager
 def parallel_config(config):
     """Layers built inside get ``config`` as their ``FusedMoEParallelConfig`` (vLLM's
     ``FusedMoEFactory`` would ask the distributed groups, which a CPU test has none of).
@@ -338,7 +408,8 @@ def make_layer(kind: str, E: int, K: int, N: int, topk: int, seed: int = 0,
     (:func:`ep_parallel_config`), else no parallelism."""
     from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory
 
-    with parallel_config(parallel) if parallel is not None else contextlib.nullcontext():
+    with parallel_config(parallel) if parallel is not None else contextlib.nullcontext(), \
+            one_tp_rank():
         runner = FusedMoEFactory(num_experts=E, top_k=topk, hidden_size=K,
                                  intermediate_size=N, params_dtype=torch.bfloat16,
                                  quant_config=quant_config(kind), tp_size=1, dp_size=1,
@@ -366,7 +437,9 @@ def load_random_weights(layer: Layer, seed: int = 0) -> None:
     w13, w2 = ex.w13_weight, ex.w2_weight
     w13.data.copy_((torch.randn(w13.shape, generator=g) * 64).clamp(-448, 448).to(FP8))
     w2.data.copy_((torch.randn(w2.shape, generator=g) * 64).clamp(-448, 448).to(FP8))
-    for name in ("w13_weight_scale", "w2_weight_scale"):
+    # block FP8 (Fp8MoEMethod): w13_weight_scale_inv [E, 2N/128, K/128], w2 [E, K/128, N/128]
+    suffix = "weight_scale_inv" if hasattr(ex, "w13_weight_scale_inv") else "weight_scale"
+    for name in (f"w13_{suffix}", f"w2_{suffix}"):
         p = getattr(ex, name)
         p.data.copy_(torch.rand(p.shape, generator=g) * 2e-4 + 1e-4)
     for name in ("w13_input_scale", "w2_input_scale"):

@@ -62,7 +62,7 @@ sm90 = delegate_support.sm90  # fixture
 # --- the layer kinds ------------------------------------------------------------------------------
 
 def test_the_kinds_cover_the_integration_table():
-    assert sorted(KINDS) == sorted(support.KINDS)
+    assert sorted(KINDS) == sorted(support.KINDS + support.BLOCK_KINDS)
     assert sorted(key for _, key in KINDS.values()) == sorted(P.LAYER_KINDS)
     assert {kind: support.scheme_of(kind) for kind in KINDS} == {
         kind: key[1] for kind, (_, key) in KINDS.items()}
@@ -131,26 +131,31 @@ def _quant_config_fields(qc) -> dict:
     return plain(qc)
 
 
-@pytest.mark.parametrize("kind", ["fp8_static", "ct_channel_token", "ct_tensor_static"])
+@pytest.mark.parametrize("kind", ["fp8_static", "ct_channel_token", "ct_tensor_static",
+                                  "fp8_block", "ct_block"])
 def test_shareable_backends_load_the_layer_as_triton(kind, plugin_on, fake_ops):
     """Why exactly TRITON and VLLM_CUTLASS can be delegates: vLLM's weight conversion and
     quant config for them are TRITON's (what the method gets from the hook), so the delegate
-    reads the very tensors AotExperts was built on. FlashInfer CUTLASS's are not."""
+    reads the very tensors AotExperts was built on. FlashInfer CUTLASS's are not (for block
+    FP8 it stores w13 and its block scales as [up; gate])."""
     from vllm.model_executor.layers.fused_moe.oracle import fp8 as oracle
 
     assert P.SHAREABLE_BACKENDS == SHAREABLE
     layer = _build(kind, load=True)
     ex = layer.experts
-    tensors = (ex.w13_weight, ex.w2_weight, ex.w13_weight_scale, ex.w2_weight_scale)
+    suffix = "weight_scale_inv" if hasattr(ex, "w13_weight_scale_inv") else "weight_scale"
+    tensors = (ex.w13_weight, ex.w2_weight, getattr(ex, f"w13_{suffix}"),
+               getattr(ex, f"w2_{suffix}"))
     inputs = (getattr(ex, "w13_input_scale", None), getattr(ex, "w2_input_scale", None))
     per_token = kind == "ct_channel_token"
+    block = [128, 128] if kind in support.BLOCK_KINDS else None
 
     def load_as(backend: str, module):
         converted = oracle.convert_to_fp8_moe_kernel_format(
             oracle.Fp8MoeBackend(backend), module, *tensors, *inputs)
         qc = oracle.make_fp8_moe_quant_config(
             oracle.Fp8MoeBackend(backend), converted[2], converted[3], inputs[0], inputs[1],
-            per_act_token_quant=per_token, per_out_ch_quant=per_token)
+            per_act_token_quant=per_token, per_out_ch_quant=per_token, block_shape=block)
         return converted, qc
 
     triton_weights, triton_qc = load_as("TRITON", ex)
@@ -159,7 +164,13 @@ def test_shareable_backends_load_the_layer_as_triton(kind, plugin_on, fake_ops):
         weights, qc = load_as(backend, ex)
         assert all(a is b for a, b in zip(weights, tensors, strict=True)), backend
         assert _quant_config_fields(qc) == _quant_config_fields(triton_qc), backend
-    if kind != "ct_channel_token":  # FlashInfer CUTLASS takes the per-tensor static layers
+    if block is not None:  # FlashInfer CUTLASS (vLLM's pick under EP) converts the weights
+        fi_weights, _ = load_as("FLASHINFER_CUTLASS", ex)
+        assert fi_weights[0] is not tensors[0] and fi_weights[2] is not tensors[2]
+        N = ex.intermediate_size_per_partition
+        assert torch.equal(fi_weights[0][:, :N].view(torch.uint8),
+                           tensors[0][:, N:].view(torch.uint8))  # [up; gate]
+    elif kind != "ct_channel_token":  # FlashInfer CUTLASS takes the per-tensor static layers
         fi_qc = oracle.make_fp8_moe_quant_config(
             oracle.Fp8MoeBackend.FLASHINFER_CUTLASS, ex.w13_weight_scale, ex.w2_weight_scale,
             inputs[0], inputs[1])

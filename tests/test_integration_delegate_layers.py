@@ -88,12 +88,13 @@ def test_layer_built_through_the_hook_owns_vllms_choice(kind, machine, sm90, plu
         assert isinstance(experts.stock.experts, CutlassExpertsFp8)
         assert isinstance(experts.stock.fallback_experts, TritonExperts)
     # the modular kernel sees the delegate's workspace and no top-k reduction left to finalize
-    ws = experts.workspace_shapes(5, 2 * SHAPE.N, SHAPE.K, SHAPE.topk, SHAPE.E, SHAPE.E, None,
+    shape = delegate_support.shape_of(kind)
+    ws = experts.workspace_shapes(5, 2 * shape.N, shape.K, shape.topk, shape.E, shape.E, None,
                                   layer.experts.moe_config.activation)
-    assert ws == experts.stock.workspace_shapes(5, 2 * SHAPE.N, SHAPE.K, SHAPE.topk, SHAPE.E,
-                                                SHAPE.E, None,
+    assert ws == experts.stock.workspace_shapes(5, 2 * shape.N, shape.K, shape.topk, shape.E,
+                                                shape.E, None,
                                                 layer.experts.moe_config.activation)
-    assert ws[2] == (5, SHAPE.K)
+    assert ws[2] == (5, shape.K)
 
 
 class ApplySpy:

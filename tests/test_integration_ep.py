@@ -39,9 +39,11 @@ def tuned_dir(tmp_path, monkeypatch):
 
 
 def build(kind: str, parallel=None, load: bool = True, seed: int = 0, experts: int = GLOBAL_E):
+    """``kind``'s layer on rank 0 of ep=2; block FP8 kinds with N=128 (whole weight blocks)."""
     parallel = support.ep_parallel_config(EP) if parallel is None else parallel
+    N = 128 if kind in support.BLOCK_KINDS else SHAPE.N
     with support.cpu_vllm():
-        return support.make_layer(kind, experts, SHAPE.K, SHAPE.N, SHAPE.topk, seed=seed,
+        return support.make_layer(kind, experts, SHAPE.K, N, SHAPE.topk, seed=seed,
                                   load=load, parallel=parallel)
 
 
@@ -223,13 +225,14 @@ def test_untuned_ep_layers_run_stock_and_name_the_ep_tune_command(plugin_on, fak
     assert "vllm-moe-aot tune --model <checkpoint or config.json> --tp 1 --ep 2" in hints[0]
 
 
-@pytest.mark.parametrize("machine", ["flashinfer", "no-flashinfer"])
+@pytest.mark.parametrize("machine", ["flashinfer", "no-flashinfer", "no-deep-gemm"])
 @pytest.mark.parametrize("kind", sorted(delegate_support.KINDS))
 def test_ep_layers_delegate_to_vllms_choice_on_sm90(kind, machine, sm90, plugin_on,
                                                     monkeypatch, moe_logs):
     """On the sm_90 stand-in (tests/test_integration_delegate.py) an EP layer's oracle picks
-    what the providers rule says for TP (EP changes vLLM's order for block FP8 only), and the
-    hook answers AotExperts delegating to it exactly when it can share the weights."""
+    what the providers rule says for it (the TP answer, but for block FP8: FlashInfer CUTLASS,
+    else DeepGEMM, else Triton under EP), and the hook answers AotExperts delegating to it
+    exactly when it can share the weights."""
     import sys
 
     from vllm_moe_aot import caches
@@ -250,7 +253,12 @@ def test_ep_layers_delegate_to_vllms_choice_on_sm90(kind, machine, sm90, plugin_
         want = selection.original(**args)
         got = hooked(**args)
     backend, vllm_cls = want[0].value, want[1]
-    assert backend == P.vllm_backend(scheme, method, flags)
+    assert backend == P.vllm_backend(scheme, method, flags, ep=EP)
+    if scheme is Scheme.FP8_BLOCK:  # vLLM's EP order for block FP8 on sm_90
+        assert backend == {"flashinfer": "FLASHINFER_CUTLASS", "no-flashinfer": "DEEPGEMM",
+                           "no-deep-gemm": "TRITON"}[machine]
+    else:
+        assert backend == P.vllm_backend(scheme, method, flags)  # as under TP
     if backend in delegate_support.SHAREABLE:
         assert issubclass(got[1], AotExperts) and got[1].delegate_cls is vllm_cls
         assert len(moe_logs.matching("use AotExperts")) == 1

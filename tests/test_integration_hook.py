@@ -72,11 +72,20 @@ def model_parallel():
             ps.destroy_distributed_environment()
 
 
-def test_block_fp8_stays_with_vllm(plugin_on, model_parallel, moe_logs):
-    layer = build("fp8_block", MoEShape(E=16, K=128, N=128, topk=2))
-    _assert_vllm_choice(layer)
+def test_block_fp8_128x128_is_taken_and_other_blocks_stay_with_vllm(plugin_on, model_parallel,
+                                                                    moe_logs):
+    """128x128 blocks (fp8_block, tests/test_integration_block.py): AotExperts; 64x64 blocks:
+    vLLM's choice, one line naming the block size."""
+    from vllm_moe_aot.integration.experts import AotExperts
+
+    shape = MoEShape(E=16, K=128, N=128, topk=2)
+    layer = build("fp8_block", shape)
+    assert layer.method.experts_cls is AotExperts
+    assert len(moe_logs.matching("(fp8_block) use AotExperts")) == 1, moe_logs.messages
+    _assert_vllm_choice(build("fp8_block64", shape))
     lines = moe_logs.matching("left to vLLM's backend choice")
-    assert len(lines) == 1 and "quantization scheme" in lines[0], moe_logs.messages
+    assert len(lines) == 1 and "64x64 weight blocks: block sizes other than 128x128 are not " \
+        "built" in lines[0], moe_logs.messages
 
 
 def test_unsupported_shape_stays_with_vllm(plugin_on, moe_logs):

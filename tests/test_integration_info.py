@@ -158,3 +158,29 @@ def test_info_lists_tuned_layers_that_are_not_presets_with_their_ep(tmp_path):
     assert out.count("\nlayer ") == 1  # the preset's layer is not listed twice
     only = _run_info("--preset", "hy3", "--config-dir", str(tmp_path))
     assert only.returncode == 0 and "ep=8" not in only.stdout  # --preset: the presets only
+
+
+def test_info_says_which_layers_are_taken_and_shows_block_layers(tmp_path):
+    """Block FP8 layers: listed among the layers taken, and a tuned block layer is shown like
+    the others (family fp8_block)."""
+    from tests.integration_support import write_tuned
+    from vllm_moe_aot.shapes import MoEShape
+
+    assert set(info.LAYERS_TAKEN) == set(Scheme)
+    block = MoEShape(E=32, K=7168, N=256, topk=8)  # a DeepSeek-style 128x128 block layer
+    write_tuned(tmp_path, block, Scheme.FP8_BLOCK, {1: "gemv_a", 16: "grouped_m16",
+                                                    64: "stock"},
+                gpu=H100[0], arch=H100[1], name="block_fp8_block_tp8.tuned.csv")
+    assert info.layers_in_configs(info.tuned_config_files(tmp_path)) == [
+        (block, Scheme.FP8_BLOCK)]
+    proc = _run_info("--config-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    taken = out[out.index("layers taken"):out.index("code objects (")]
+    assert "fp8_block" in taken and "weight_block_size [128, 128]" in taken
+    assert "strategy block, 128x128" in taken
+    assert "left to vLLM: other block sizes" in taken and "E8M0 block scales" in taken
+    layer = out[out.index("layer E=32,K=7168,N=256,topk=8 fp8_block (from the tuned configs)"):]
+    assert f"{H100[0]} ({H100[1]}):" in layer and "aot    gemv_a" in layer
+    assert "M <= 64 (and above)" in layer and "2 of 3 tuned M buckets" in layer
+    assert "VLLM_NOT_IMPORTED" in out

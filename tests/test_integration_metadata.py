@@ -110,3 +110,62 @@ def test_scales_must_live_on_the_layer_device():
     with pytest.raises(ValueError, match="w2_scale is on meta"):
         ExpertMetadata.build(SHAPE, Scheme.FP8_PER_TENSOR_DYNAMIC, torch.ones(SHAPE.E),
                              torch.ones(SHAPE.E, device="meta"))
+
+
+def test_block_scales_pass_through_unchanged():
+    """Block FP8: vLLM's weight_scale_inv [E, 2N/128, K/128] / [E, K/128, N/128], contiguous
+    fp32, reach the pipeline as they are (the very tensors: in-place reloads stay visible);
+    other grids, E8M0 and N that is not whole blocks are refused with the cause."""
+    from vllm_moe_aot.integration.metadata import (
+        ExpertMetadata,
+        block_scale_shape,
+        normalize_block_scale,
+    )
+
+    E, K, N = 4, 256, 128
+    assert block_scale_shape(E, 2 * N, K) == (E, 2, 2)
+    assert block_scale_shape(E, K, N) == (E, 2, 1)
+    s13 = torch.rand(E, 2, 2)
+    got = normalize_block_scale(s13, (E, 2, 2), "w13_scale")
+    assert got.data_ptr() == s13.data_ptr() and got.dtype == torch.float32
+    strided = torch.rand(E, 2, 2).transpose(1, 2)  # a copy, once, contiguous
+    got = normalize_block_scale(strided, (E, 2, 2), "w13_scale")
+    assert got.is_contiguous() and torch.equal(got, strided)
+    assert normalize_block_scale(s13.bfloat16(), (E, 2, 2), "w13_scale").dtype == torch.float32
+    with pytest.raises(ValueError, match=r"w13_scale has shape \(4, 4, 4\), expected "
+                                         r"\(4, 2, 2\) \(one scale per 128x128 block\)"):
+        normalize_block_scale(torch.rand(E, 4, 4), (E, 2, 2), "w13_scale")
+    with pytest.raises(ValueError, match="float8_e8m0fnu: E8M0 or packed UE8M0"):
+        normalize_block_scale(s13.to(torch.float8_e8m0fnu), (E, 2, 2), "w13_scale")
+    with pytest.raises(ValueError, match="torch.int32: E8M0 or packed UE8M0"):
+        normalize_block_scale(torch.ones(E, 2, 1, dtype=torch.int32), (E, 2, 2), "w13_scale")
+    shape = MoEShape(E=E, K=K, N=N, topk=2)
+    with pytest.raises(ValueError, match=r"w2_scale \(w2_weight_scale_inv\) has shape "
+                                         r"\(4, 2\), expected \(4, 2, 1\)"):
+        ExpertMetadata.build(shape, Scheme.FP8_BLOCK, s13, torch.rand(E, 2))
+    with pytest.raises(ValueError, match="multiple of the 128-row weight block"):
+        ExpertMetadata.build(MoEShape(E=E, K=K, N=64, topk=2), Scheme.FP8_BLOCK,
+                             torch.rand(E, 1, 2), torch.rand(E, 2, 1))
+
+
+def test_block_metadata_holds_the_scales(tmp_path, monkeypatch):
+    import vllm_moe_aot.pipeline as pipeline
+    from tests import _moe_fakes
+    from tests.integration_support import write_tuned
+    from vllm_moe_aot.integration import metadata
+
+    monkeypatch.setattr(pipeline, "FusedMoE", _moe_fakes.FakeFusedMoE)
+    metadata.clear_caches()
+    shape = MoEShape(E=4, K=256, N=128, topk=2)
+    write_tuned(tmp_path, shape, Scheme.FP8_BLOCK, {1: "fake_w8a8", 4: "stock"})
+    s13, s2 = torch.rand(4, 2, 2), torch.rand(4, 2, 1)
+    try:
+        md = metadata.ExpertMetadata.build(shape, Scheme.FP8_BLOCK, s13, s2,
+                                           config_directory=tmp_path)
+        assert md.w13_scale.data_ptr() == s13.data_ptr()
+        assert md.w2_scale.data_ptr() == s2.data_ptr()
+        assert md.a13_scale is None and md.a2_scale is None
+        assert md.uses_pipeline and md.choose(1) == "fake_w8a8" and md.choose(3) == "stock"
+        assert md.describe().startswith("E=4,K=256,N=128,topk=2 fp8_block on ")
+    finally:
+        metadata.clear_caches()

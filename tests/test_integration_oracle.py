@@ -29,6 +29,7 @@ CASES = [
     ("online ptpc", "kFp8StaticChannelSym", "kFp8DynamicTokenSym", True),
     ("online per-tensor", "kFp8StaticTensorSym", "kFp8DynamicTensorSym", False),
     ("block fp8", "kFp8Static128BlockSym", "kFp8Dynamic128Sym", False),
+    ("ct block", "kFp8Static128BlockSym", "kFp8Dynamic128Sym", True),
 ]
 
 #: label -> (backend, experts class) with FlashInfer CUTLASS MoE usable / not usable
@@ -41,7 +42,8 @@ H100_WITHOUT_PLUGIN = {
     "ct tensor dynamic": (("HUMMING", "HummingIndexedExperts"),) * 2,
     "online ptpc": (("VLLM_CUTLASS", "TritonOrCutlassExperts"),) * 2,
     "online per-tensor": (("TRITON", "TritonExperts"),) * 2,
-    "block fp8": (("TRITON", "TritonExperts"),) * 2,
+    "block fp8": (("TRITON", "TritonExperts"),) * 2,  # Triton first for block FP8 under TP
+    "ct block": (("TRITON", "TritonExperts"),) * 2,
 }
 
 #: the binding each case's quant method calls through
@@ -121,8 +123,8 @@ def test_vllm_choice_on_h100_without_the_plugin(h100, flashinfer):
 
 def test_hook_on_h100_takes_the_supported_schemes(h100, plugin_on):
     """With the plugin on an H100 that has sm_90a code objects: AotExperts delegating to
-    vLLM's own choice for every scheme we serve where that choice shares the pipeline's weights,
-    vLLM's own choice otherwise and for block FP8."""
+    vLLM's own choice for every scheme we serve where that choice shares the pipeline's weights
+    (block FP8 included: Triton under TP), vLLM's own choice otherwise."""
     import sys
 
     from vllm_moe_aot.info import code_objects_per_target
@@ -141,9 +143,6 @@ def test_hook_on_h100_takes_the_supported_schemes(h100, plugin_on):
             select = sys.modules[name].select_fp8_moe_backend
             backend, cls = select(config=config, weight_key=wk, activation_key=ak,
                                   allow_vllm_cutlass=cutlass)
-            if case[0] == "block fp8":
-                assert (backend.value, cls.__name__) == ("TRITON", "TritonExperts")
-                continue
             # vLLM's own answer, unhooked: AotExperts delegates to it where it shares the
             # pipeline's weights, else the layer stays with it (test_integration_delegate.py
             # covers every platform variant)

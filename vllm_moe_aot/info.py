@@ -24,10 +24,28 @@ from vllm_moe_aot.dispatch.configs import DEFAULT_CONFIG_DIR
 from vllm_moe_aot.integration import CONFIG_DIR_ENV  # vLLM-free constants
 from vllm_moe_aot.shapes import MoEShape, Scheme
 
-__all__ = ["INTERPRETER_ARCH", "PlatformInfo", "code_objects_per_target",
-           "config_dir", "config_dir_arg", "cuda_arch", "describe_dispatch", "detect_platform",
-           "devices_in_configs", "layers_in_configs", "manifest_path", "platform_info",
-           "read_code_objects", "summary_line", "tuned_config_files"]
+__all__ = ["INTERPRETER_ARCH", "LAYERS_LEFT_TO_VLLM", "LAYERS_TAKEN", "PlatformInfo",
+           "code_objects_per_target", "config_dir", "config_dir_arg", "cuda_arch",
+           "describe_dispatch", "detect_platform", "devices_in_configs", "layers_in_configs",
+           "manifest_path", "platform_info", "read_code_objects", "summary_line",
+           "tuned_config_files"]
+
+#: the vLLM 0.33 FP8 MoE layers the plugin takes, per scheme (docs/vllm-integration.md, "Which
+#: layers it takes"; the quant methods' oracle keys are ``integration.providers.LAYER_KINDS``)
+LAYERS_TAKEN: dict[Scheme, str] = {
+    Scheme.FP8_PER_TENSOR_STATIC: "Fp8MoEMethod activation_scheme static; compressed-tensors "
+                                  "tensor x tensor, static",
+    Scheme.FP8_PER_TENSOR_DYNAMIC: "Fp8MoEMethod activation_scheme dynamic; compressed-tensors "
+                                   "tensor x tensor, dynamic; --quantization fp8_per_tensor",
+    Scheme.FP8_PTPC: "compressed-tensors channel x token; --quantization fp8_per_channel",
+    Scheme.FP8_BLOCK: "Fp8MoEMethod weight_block_size [128, 128]; compressed-tensors "
+                      "strategy block, 128x128 (dynamic activations, per token per 128 columns)",
+}
+#: what stays with vLLM whatever the shape
+LAYERS_LEFT_TO_VLLM = ("other block sizes (64x64, refined TP shards), E8M0 block scales, "
+                       "MXFP8/MXFP4/NVFP4, INT8/INT4, ModelOpt, Quark, and any layer whose vLLM "
+                       "pick converts the weights (FlashInfer, DeepGEMM, Humming, Marlin, AITER: "
+                       "e.g. block FP8 under EP)")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ import torch
 
 from vllm_moe_aot import BACKEND_NAME, __version__
 from vllm_moe_aot.info import (
+    LAYERS_LEFT_TO_VLLM,
+    LAYERS_TAKEN,
     config_dir,
     config_dir_arg,
     describe_dispatch,
@@ -62,6 +64,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"vLLM backend: {ENV_VAR}={env_value or ''} -> {state}"
           + ("" if env_value == BACKEND_NAME else f"; set {ENV_VAR}={BACKEND_NAME} to use it"),
           file=out)
+
+    print("layers taken (vLLM 0.33 FP8 MoE, where vLLM's own pick is its Triton or CUTLASS "
+          "MoE):", file=out)
+    for scheme, layers in LAYERS_TAKEN.items():
+        print(f"  {scheme.value:<24} {layers}", file=out)
+    print(f"  left to vLLM: {LAYERS_LEFT_TO_VLLM}", file=out)
 
     manifest = Path(args.manifest) if args.manifest else manifest_path()
     counts, problem = read_code_objects(manifest)

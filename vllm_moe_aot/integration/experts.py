@@ -27,6 +27,14 @@ the layer's quant config, exactly the call vLLM's prepare step would have made, 
 the delegate. The AOT path allocates nothing and never synchronises; the delegate allocates
 what it always allocates.
 
+Block FP8 (``Fp8MoEMethod`` with ``weight_block_size: [128, 128]``, compressed-tensors
+``strategy: block``): the quant config's ``w1_scale``/``w2_scale`` are vLLM's ``weight_scale_inv``
+(``[E, 2N/128, K/128]`` / ``[E, K/128, N/128]`` fp32), which the pipeline takes as they are;
+activations are quantised per token per 128 columns (by the pipeline, or for stock batches by
+vLLM's ``per_token_group_quant_fp8`` in ``apply``). Other block sizes (a checkpoint's own, or
+128x128 refined by vLLM to fit a TP shard) and E8M0 block scales are not built: those layers
+stay with vLLM (:func:`scheme_unsupported_reason`).
+
 Expert parallelism: layers in vLLM's standard activation format are taken (EP without DP, where
 every rank sees all tokens, and EP over the all-gather / reduce-scatter path); the shape's
 ``E`` is the rank's local experts and ``ep`` vLLM's ``ep_size``, and ``apply`` hands vLLM's
@@ -59,6 +67,7 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import (
     kFp8Dynamic128Sym,
     kFp8DynamicTensorSym,
     kFp8DynamicTokenSym,
+    kFp8Static128BlockSym,
     kFp8StaticChannelSym,
     kFp8StaticTensorSym,
 )
@@ -69,7 +78,7 @@ from vllm_moe_aot.info import PlatformInfo, platform_info
 from vllm_moe_aot.integration import get_logger, log_once
 from vllm_moe_aot.integration.metadata import DEFAULT_MAX_TOKENS, ExpertMetadata
 from vllm_moe_aot.integration.providers import NO_BACKEND_DELEGATE, provider_name
-from vllm_moe_aot.shapes import MoEShape, Scheme, unsupported_reason
+from vllm_moe_aot.shapes import WEIGHT_BLOCK, MoEShape, Scheme, unsupported_reason
 
 logger = get_logger("experts")
 
@@ -81,7 +90,43 @@ SCHEME_BY_KEYS: dict[tuple[QuantKey, QuantKey], Scheme] = {
     # oracle as the 1x128 group key; its quant config is plain dynamic per tensor.
     (kFp8StaticTensorSym, kFp8Dynamic128Sym): Scheme.FP8_PER_TENSOR_DYNAMIC,
     (kFp8StaticChannelSym, kFp8DynamicTokenSym): Scheme.FP8_PTPC,
+    # 128x128 weight blocks (weight_scale_inv), activations per token per 128 columns
+    (kFp8Static128BlockSym, kFp8Dynamic128Sym): Scheme.FP8_BLOCK,
 }
+
+#: scale dtypes read as they are (converted to fp32 once); E8M0 (``float8_e8m0fnu``, or
+#: UE8M0 packed in int32 / uint8) is not one of them
+_FLOAT_SCALES = (torch.float32, torch.bfloat16, torch.float16)
+
+#: why block FP8 layers of other block sizes stay with vLLM
+OTHER_BLOCKS = "block sizes other than 128x128 are not built"
+
+
+def _block_shape_text(block) -> str:
+    return "x".join(str(int(b)) for b in block)
+
+
+def scheme_unsupported_reason(weight_key: QuantKey | None,
+                              activation_key: QuantKey | None) -> str | None:
+    """Why the pipeline does not take this (weight key, activation key) pair, None when it
+    does (:data:`SCHEME_BY_KEYS`). Block keys get a reason of their own: the block size when
+    it is not 128x128 (vLLM encodes the block, refined ones too, in the key), or the scale
+    dtype when it is not fp32 (E8M0, DeepGEMM's UE8M0)."""
+    if (weight_key, activation_key) in SCHEME_BY_KEYS:
+        return None
+    scale = getattr(weight_key, "scale", None)
+    group = getattr(scale, "group_shape", None)
+    if group is not None and group[0] > 1 and group[1] > 1:  # a block key
+        if scale.dtype != torch.float32:
+            return (f"block-quantised FP8 with {scale.dtype} block scales: E8M0 (power-of-two, "
+                    "DeepGEMM's UE8M0) block scales are not taken; the pipeline takes fp32 "
+                    "weight_scale_inv")
+        if tuple(group) != WEIGHT_BLOCK:
+            return (f"block-quantised FP8 with {_block_shape_text(group)} weight blocks: "
+                    f"{OTHER_BLOCKS}")
+        return (f"block-quantised FP8 weights with activations {activation_key} (the pipeline "
+                "quantises them dynamically per token per 128 columns)")
+    return f"quantization scheme {weight_key} x {activation_key}"
 
 
 def vllm_platform_info() -> PlatformInfo:
@@ -174,7 +219,20 @@ def scheme_for_quant_config(qc: FusedMoEQuantConfig) -> Scheme:
     if not qc.use_fp8_w8a8:
         raise ValueError(f"quant config is not FP8 W8A8 (quant dtype {qc.quant_dtype})")
     if qc.block_shape is not None:
-        raise ValueError(f"block-quantised FP8 ({qc.block_shape}) stays with vLLM")
+        block = tuple(int(b) for b in qc.block_shape)
+        if block != WEIGHT_BLOCK:
+            raise ValueError(f"block-quantised FP8 with {_block_shape_text(block)} weight "
+                             f"blocks: {OTHER_BLOCKS}")
+        if qc.per_act_token_quant or qc.per_out_ch_quant:
+            raise ValueError("block-quantised FP8 with per-token/per-channel scales as well")
+        if qc.a1_scale is not None or qc.a2_scale is not None:
+            raise ValueError("block-quantised FP8 with static activation scales")
+        for name, scale in (("w1_scale", qc.w1_scale), ("w2_scale", qc.w2_scale)):
+            if scale is not None and scale.dtype not in _FLOAT_SCALES:
+                raise ValueError(f"block-quantised FP8 with {scale.dtype} {name}: E8M0 or "
+                                 "packed UE8M0 block scales are not taken (the pipeline takes "
+                                 "fp32 weight_scale_inv)")
+        return Scheme.FP8_BLOCK
     if qc.per_out_ch_quant:
         if not qc.per_act_token_quant:
             raise ValueError("per-channel weights with per-tensor activations")
@@ -188,9 +246,10 @@ def scheme_for_quant_config(qc: FusedMoEQuantConfig) -> Scheme:
 def layer_unsupported_reason(moe_config: FusedMoEConfig, weight_key: QuantKey | None,
                              activation_key: QuantKey | None) -> str | None:
     """What vLLM's generic checks leave out; None when the AOT pipeline can take the layer."""
-    scheme = SCHEME_BY_KEYS.get((weight_key, activation_key))
-    if scheme is None:
-        return f"quantization scheme {weight_key} x {activation_key}"
+    reason = scheme_unsupported_reason(weight_key, activation_key)
+    if reason is not None:
+        return reason
+    scheme = SCHEME_BY_KEYS[(weight_key, activation_key)]
     if moe_config.moe_backend != "auto":
         return f"--moe-backend {moe_config.moe_backend} was asked for explicitly"
     if moe_config.in_dtype != torch.bfloat16:
@@ -336,8 +395,10 @@ class AotExperts(mk.FusedMoEExpertsModular):
         device = vllm_platform_info()
         if not device.supported:
             return False, f"kernel does not support this device: {device.note}"
-        # before vLLM's generic checks, whose reason would be the whole parallel config
-        reason = parallel_unsupported_reason(moe_config.moe_parallel_config)
+        # before vLLM's generic checks, whose reasons would be the whole parallel config or
+        # "kernel does not support quantization scheme ..." without the block size
+        reason = (parallel_unsupported_reason(moe_config.moe_parallel_config)
+                  or scheme_unsupported_reason(weight_key, activation_key))
         if reason is not None:
             return False, reason
         supported, reason = mk.FusedMoEExperts.is_supported_config(
@@ -522,9 +583,11 @@ class AotExperts(mk.FusedMoEExpertsModular):
             # We asked vLLM not to quantise (expects_unquantized_inputs): do what its prepare
             # step would have done for the delegate, with the same helper and quant config.
             assert a1q_scale is None
+            qc = self.quant_config
             hidden_states, a1q_scale = moe_kernel_quantize_input(
                 hidden_states, self.a1_scale, self.quant_dtype, self.per_act_token_quant,
-                self.block_shape)
+                self.block_shape, is_scale_swizzled=qc.is_scale_swizzled,
+                is_scale_transposed=qc.is_scale_transposed, mx_alignment=qc.mx_alignment)
         self.stock.post_gemm2_hook = self.post_gemm2_hook
         return self.stock.apply(output, hidden_states, w1, w2, topk_weights, topk_ids,
                                 activation, global_num_experts, expert_map, a1q_scale,

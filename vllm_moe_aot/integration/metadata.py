@@ -21,7 +21,7 @@ from vllm_moe_aot.contract import STOCK
 from vllm_moe_aot.device import identify
 from vllm_moe_aot.info import config_dir
 from vllm_moe_aot.integration import get_logger, log_once
-from vllm_moe_aot.shapes import PRESETS, MoEShape, Scheme, unsupported_reason
+from vllm_moe_aot.shapes import PRESETS, WEIGHT_BLOCK, MoEShape, Scheme, unsupported_reason
 
 logger = get_logger("metadata")
 
@@ -54,6 +54,32 @@ def normalize_weight_scale(scale: torch.Tensor, E: int, channels: int | None,
         raise ValueError(f"{name} has shape {tuple(scale.shape)}, expected {expected} "
                          "(a trailing 1 is accepted)")
     return scale.detach().to(torch.float32).reshape(expected).contiguous()
+
+
+#: block-scale dtypes taken (converted to fp32 once); E8M0 / packed UE8M0 scales are not
+_BLOCK_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def block_scale_shape(E: int, rows: int, cols: int,
+                      block: tuple[int, int] = WEIGHT_BLOCK) -> tuple[int, int, int]:
+    """vLLM's ``weight_scale_inv`` shape for ``E`` weights of ``rows x cols``: ``[E,
+    ceil(rows/bn), ceil(cols/bk)]`` (``w13``: rows 2N, cols K; ``w2``: rows K, cols N)."""
+    bn, bk = block
+    return (E, -(-rows // bn), -(-cols // bk))
+
+
+def normalize_block_scale(scale: torch.Tensor, expected: tuple[int, int, int],
+                          name: str) -> torch.Tensor:
+    """A block FP8 weight scale (vLLM's ``weight_scale_inv``) as ``expected`` contiguous fp32,
+    unchanged: a contiguous fp32 input comes back as a view of the same storage (an in-place
+    weight reload stays visible). E8M0 / packed UE8M0 scales (DeepGEMM's) are refused."""
+    if scale.dtype not in _BLOCK_SCALE_DTYPES:
+        raise ValueError(f"{name} is {scale.dtype}: E8M0 or packed UE8M0 block scales are not "
+                         "taken (the pipeline takes fp32 weight_scale_inv)")
+    if tuple(scale.shape) != tuple(expected):
+        raise ValueError(f"{name} has shape {tuple(scale.shape)}, expected {tuple(expected)} "
+                         f"(one scale per {WEIGHT_BLOCK[0]}x{WEIGHT_BLOCK[1]} block)")
+    return scale.detach().to(torch.float32).contiguous()
 
 
 def normalize_activation_scale(scale: torch.Tensor | None, name: str) -> torch.Tensor:
@@ -133,7 +159,8 @@ def pipeline_for(shape: MoEShape, scheme: Scheme, device: torch.device, max_toke
 class ExpertMetadata:
     """One layer's AOT state.
 
-    ``w13_scale``/``w2_scale`` are ``[E]`` (per tensor) or ``[E, 2N]``/``[E, K]`` (ptpc);
+    ``w13_scale``/``w2_scale`` are ``[E]`` (per tensor), ``[E, 2N]``/``[E, K]`` (ptpc) or
+    ``[E, 2N/128, K/128]``/``[E, K/128, N/128]`` (block FP8: vLLM's ``weight_scale_inv``);
     ``a13_scale``/``a2_scale`` are 1-element tensors for the static scheme, else None.
     ``pipeline`` is None when the dispatch table sends every M to stock (nothing to load).
     """
@@ -192,11 +219,18 @@ class ExpertMetadata:
                         ("a13_scale", a13_scale), ("a2_scale", a2_scale)):
             if t is not None and t.device != device:
                 raise ValueError(f"{name} is on {t.device}, the layer on {device}")
-        per_channel = scheme.per_channel_weights
-        s13 = normalize_weight_scale(w13_scale, shape.E, 2 * shape.N if per_channel else None,
-                                     "w13_scale")
-        s2 = normalize_weight_scale(w2_scale, shape.E, shape.K if per_channel else None,
-                                    "w2_scale")
+        if scheme.block_weights:
+            s13 = normalize_block_scale(w13_scale, block_scale_shape(shape.E, 2 * shape.N,
+                                                                     shape.K),
+                                        "w13_scale (w13_weight_scale_inv)")
+            s2 = normalize_block_scale(w2_scale, block_scale_shape(shape.E, shape.K, shape.N),
+                                       "w2_scale (w2_weight_scale_inv)")
+        else:
+            per_channel = scheme.per_channel_weights
+            s13 = normalize_weight_scale(w13_scale, shape.E,
+                                         2 * shape.N if per_channel else None, "w13_scale")
+            s2 = normalize_weight_scale(w2_scale, shape.E, shape.K if per_channel else None,
+                                        "w2_scale")
         if scheme.static_activations:
             a13 = normalize_activation_scale(a13_scale, "a13_scale (w13_input_scale)")
             a2 = normalize_activation_scale(a2_scale, "a2_scale (w2_input_scale)")
