@@ -89,7 +89,11 @@ def test_quantisation_hints(tmp_path):
     assert read_model(write_config(tmp_path, CONFIGS["hy3"][0])).scheme \
         is Scheme.FP8_PER_TENSOR_STATIC
     ds = read_model(write_config(tmp_path, CONFIGS["deepseek-v3"][0], "ds"))
-    assert ds.scheme is None and "block FP8" in ds.quant
+    assert ds.scheme is Scheme.FP8_BLOCK and "block FP8" in ds.quant
+    cfg64 = dict(CONFIGS["deepseek-v3"][0])
+    cfg64["quantization_config"] = dict(cfg64["quantization_config"], weight_block_size=[64, 64])
+    ds64 = read_model(write_config(tmp_path, cfg64, "ds64"))
+    assert ds64.scheme is None and "other than 128x128 are not built" in ds64.quant
     assert read_model(write_config(tmp_path, CONFIGS["glm-4.5"][0], "glm")).scheme is None
     ct = {"quant_method": "compressed-tensors", "config_groups": {"group_0": {
         "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},

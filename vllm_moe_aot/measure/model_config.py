@@ -138,8 +138,10 @@ def quant_hint(cfg: dict) -> tuple[Scheme | None, str]:
     if method == "fp8":
         block = qc.get("weight_block_size")
         if block:
-            return None, (f"block FP8 (weight_block_size {block}), which the AOT backend leaves "
-                          "to vLLM")
+            if list(block) == [128, 128]:
+                return Scheme.FP8_BLOCK, "block FP8 (weight_block_size [128, 128])"
+            return None, (f"block FP8 (weight_block_size {block}): block sizes other than "
+                          "128x128 are not built, the AOT backend leaves them to vLLM")
         act = str(qc.get("activation_scheme", "dynamic")).lower()
         if act == "static":
             return Scheme.FP8_PER_TENSOR_STATIC, "FP8 per-tensor, static activation scales"

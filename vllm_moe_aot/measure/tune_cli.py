@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "EP = TP x DP); each rank then holds experts / EP experts at the full "
                         "intermediate size (vLLM's standard-format EP layers use these "
                         "rows)")
-    p.add_argument("--scheme", choices=["fp8_ptpc", "fp8_per_tensor"], default=None,
+    p.add_argument("--scheme", choices=["fp8_ptpc", "fp8_per_tensor", "fp8_block"], default=None,
                    help="with --model: scheme family to tune (default: the checkpoint's "
                         "quantization_config when it names one of these, else fp8_ptpc)")
     p.add_argument("--config-dir", default=None, metavar="DIR",
