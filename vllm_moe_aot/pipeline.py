@@ -27,6 +27,7 @@ expert gets a zero row (the reduce-scatter across ranks adds the other ranks' sh
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -49,11 +50,14 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+def _scale_shapes(s: MoEShape, scheme: Scheme) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """w13's and w2's weight-scale shapes for ``scheme`` (``FusedMoE.scale_shapes``)."""
+    bn, bk = WEIGHT_BLOCK
+    if scheme.block_weights:
+        return (s.E, 2 * s.N // bn, s.K // bk), (s.E, s.K // bn, s.N // bk)
+    if scheme.per_channel_weights:
+        return (s.E, 2 * s.N), (s.E, s.K)
+    return (s.E,), (s.E,)
 
 
 def _fp8_dtype(target: str) -> torch.dtype:
@@ -75,51 +79,56 @@ class Workspace:
 
     def __init__(self, shape: MoEShape, device: torch.device, tokens: int, max_block_m: int,
                  fp8: torch.dtype, scale_tiles: int = 1, x_groups: int = 1):
-        E, K, N, topk = shape.E, shape.K, shape.N, shape.topk
-        pairs = tokens * topk
-        max_rows = self.max_rows(shape, tokens, max_block_m)
-        i32 = dict(dtype=torch.int32, device=device)
-        f32 = dict(dtype=torch.float32, device=device)
         self.tokens = tokens
-        self.act = torch.empty(pairs, N, **f32)  # gemv intermediate
-        self.xq = torch.empty(tokens, K, dtype=fp8, device=device)
-        self.a_scale = torch.empty(tokens * x_groups, **f32)  # per row (block FP8: group)
-        self.local_ids = torch.empty(pairs, **i32)  # topk_ids mapped through an expert_map
-        self.counts = torch.zeros(E, **i32)
-        self.cursor = torch.empty(E, **i32)
-        self.total = torch.empty(1, **i32)
-        self.sorted_ids = torch.empty(max_rows, **i32)
-        self.block_expert = torch.empty(_cdiv(max_rows, 16), **i32)
-        self.actq = torch.empty(max_rows, N, dtype=fp8, device=device)
-        # one scale per (row, stage-1 N tile) under the dynamic schemes
-        self.act_scale = torch.empty(max_rows * scale_tiles, **f32)
-        self.partial = torch.empty(pairs, K, dtype=torch.bfloat16, device=device)
-        self.acc = torch.empty(tokens, K, **f32)  # atomic stage 2's accumulator
+        for name, (dims, dtype) in self.buffers(shape, tokens, max_block_m, fp8, scale_tiles,
+                                                x_groups).items():
+            alloc = torch.zeros if name == "counts" else torch.empty
+            setattr(self, name, alloc(dims, dtype=dtype, device=device))
 
     @staticmethod
-    def max_rows(shape: MoEShape, tokens: int, max_block_m: int) -> int:
-        """Sorted rows of the grouped regime: every pair, plus each used expert's padding."""
+    def buffers(shape: MoEShape, tokens: int, max_block_m: int, fp8: torch.dtype,
+                scale_tiles: int = 1, x_groups: int = 1
+                ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every buffer: the one statement of what a workspace holds
+        (``__init__`` allocates it, :meth:`nbytes` sums it)."""
+        E, K, N = shape.E, shape.K, shape.N
         pairs = tokens * shape.topk
-        return pairs + min(pairs, shape.E) * (max_block_m - 1)
+        # sorted rows of the grouped regime: every pair, plus each used expert's padding
+        rows = pairs + min(pairs, E) * (max_block_m - 1)
+        i32, f32 = torch.int32, torch.float32
+        return {
+            "act": ((pairs, N), f32),  # gemv intermediate
+            "xq": ((tokens, K), fp8),
+            "a_scale": ((tokens * x_groups,), f32),  # per row (block FP8: per 128 columns)
+            "local_ids": ((pairs,), i32),  # topk_ids mapped through an expert_map
+            "counts": ((E,), i32),
+            "cursor": ((E,), i32),
+            "total": ((1,), i32),
+            "sorted_ids": ((rows,), i32),
+            "block_expert": ((_cdiv(rows, 16),), i32),
+            "actq": ((rows, N), fp8),
+            # one scale per (row, stage-1 N tile) under the dynamic schemes
+            "act_scale": ((rows * scale_tiles,), f32),
+            "partial": ((pairs, K), torch.bfloat16),
+            "acc": ((tokens, K), f32),  # the atomic stage 2's accumulator
+        }
 
     @classmethod
-    def nbytes(cls, shape: MoEShape, tokens: int, max_block_m: int,
-               scale_tiles: int = 1) -> int:
-        """What :class:`Workspace` allocates for ``tokens`` (fp8 counted as one byte)."""
-        E, K, N, pairs = shape.E, shape.K, shape.N, tokens * shape.topk
-        rows = cls.max_rows(shape, tokens, max_block_m)
-        return (pairs * N * 4 + tokens * K + tokens * 4 + pairs * 4 + (2 * E + 1) * 4
-                + rows * 4 + _cdiv(rows, 16) * 4 + rows * N + rows * scale_tiles * 4
-                + pairs * K * 2 + tokens * K * 4)
+    def nbytes(cls, shape: MoEShape, tokens: int, max_block_m: int, scale_tiles: int = 1,
+               x_groups: int = 1) -> int:
+        """What :class:`Workspace` allocates for ``tokens``."""
+        return sum(math.prod(dims) * dtype.itemsize for dims, dtype in cls.buffers(
+            shape, tokens, max_block_m, torch.float8_e4m3fn, scale_tiles, x_groups).values())
 
     @classmethod
     def chunk_tokens(cls, shape: MoEShape, max_tokens: int, max_block_m: int,
-                     scale_tiles: int = 1, budget: int = WORKSPACE_BUDGET_BYTES) -> int:
+                     scale_tiles: int = 1, x_groups: int = 1,
+                     budget: int = WORKSPACE_BUDGET_BYTES) -> int:
         """The token chunk for a pipeline asked for ``max_tokens``: at most MAX_CHUNK_TOKENS,
         halved (not below MIN_CHUNK_TOKENS) while the workspace would pass ``budget``."""
         tokens = min(max_tokens, MAX_CHUNK_TOKENS)
         while tokens > MIN_CHUNK_TOKENS and \
-                cls.nbytes(shape, tokens, max_block_m, scale_tiles) > budget:
+                cls.nbytes(shape, tokens, max_block_m, scale_tiles, x_groups) > budget:
             tokens = max(MIN_CHUNK_TOKENS, 1 << ((tokens - 1).bit_length() - 1))
         return tokens
 
@@ -187,8 +196,12 @@ class FusedMoE:
         tiles = _cdiv(shape.N, min(s1_bn)) if s1_bn and not scheme.static_activations else 1
         # block FP8 quantises x per 128-column group
         groups = shape.K // WEIGHT_BLOCK[1] if scheme.block_weights else 1
-        self.chunk = Workspace.chunk_tokens(shape, max_tokens, max_bm, tiles)
+        self.chunk = Workspace.chunk_tokens(shape, max_tokens, max_bm, tiles, groups)
         self.ws = Workspace(shape, self.device, self.chunk, max_bm, self.fp8, tiles, groups)
+        #: the weight scales ``run`` takes (their element counts are checked): ``[E]`` per
+        #: tensor, ``[E, 2N]`` / ``[E, K]`` per channel, vLLM's ``weight_scale_inv``
+        #: ``[E, 2N/128, K/128]`` / ``[E, K/128, N/128]`` per block
+        self.scale_shapes = _scale_shapes(shape, scheme)
 
     @classmethod
     def shared(cls, shape: MoEShape, scheme: Scheme, device: torch.device | str,
@@ -212,18 +225,6 @@ class FusedMoE:
             raise
         with _shared_lock:
             return _shared.setdefault(key, moe)
-
-    @property
-    def scale_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """The weight scales ``run`` takes (their element counts are checked): ``[E]`` per
-        tensor, ``[E, 2N]`` / ``[E, K]`` per channel, vLLM's ``weight_scale_inv``
-        ``[E, 2N/128, K/128]`` / ``[E, K/128, N/128]`` per block."""
-        s, (bn, bk) = self.shape, WEIGHT_BLOCK
-        if self.scheme.block_weights:
-            return (s.E, 2 * s.N // bn, s.K // bk), (s.E, s.K // bn, s.N // bk)
-        if self.scheme.per_channel_weights:
-            return (s.E, 2 * s.N), (s.E, s.K)
-        return (s.E,), (s.E,)
 
     @property
     def variants(self) -> list[str]:
@@ -368,9 +369,10 @@ class FusedMoE:
                 not w2.is_contiguous():
             problems.append(f"w2 must be contiguous {self.fp8} [{s.E}, {s.K}, {s.N}], got "
                             f"{w2.dtype} {tuple(w2.shape)}")
-        for name, t, want in (("w13_scale", w13_scale, self.scale_shapes[0]),
-                              ("w2_scale", w2_scale, self.scale_shapes[1])):
-            if t.dtype != torch.float32 or t.numel() != _numel(want) or not t.is_contiguous():
+        for name, t, want in zip(("w13_scale", "w2_scale"), (w13_scale, w2_scale),
+                                 self.scale_shapes, strict=True):
+            if t.dtype != torch.float32 or t.numel() != math.prod(want) or \
+                    not t.is_contiguous():
                 problems.append(f"{name} must be contiguous fp32 {list(want)} for "
                                 f"{self.scheme.value}, got {t.dtype} {tuple(t.shape)}")
         if tuple(ids.shape) != (M, s.topk) or ids.dtype != torch.int32 or \
