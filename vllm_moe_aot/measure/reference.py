@@ -63,29 +63,34 @@ def _act_quant(t: torch.Tensor, scheme: Scheme, static_scale, fp8_dtype,
             raise ValueError(f"{scheme.value} needs static activation scales")
         scale = torch.as_tensor(static_scale).detach().cpu().double().reshape(())
         return quantize(t, scale, fp8_dtype)
-    if group and group < t.shape[-1]:
-        return torch.cat([_act_quant(c, scheme, None, fp8_dtype)
-                          for c in t.split(group, dim=-1)], dim=-1)
-    amax = t.abs().amax(dim=-1, keepdim=True)
-    scale = torch.clamp(amax / fp8_max(fp8_dtype), min=min_scale(fp8_dtype))
-    # a NaN row's scale is NaN; clamp(min=) keeps NaN, so the row stays NaN like the kernels
-    return quantize(t, scale, fp8_dtype)
+    return _dynamic_quant(t, group, fp8_dtype, block=False)
 
 
 #: vLLM's per_token_group_quant_fp8 floor on a group's amax
 GROUP_EPS = 1e-10
 
 
-def group_quant(t: torch.Tensor, group: int, fp8_dtype: torch.dtype) -> torch.Tensor:
-    """``t`` [rows, cols] quantised per row in groups of ``group`` columns (the last one may be
-    narrower) with vLLM's per-token-group scale, returned dequantised (float64)."""
+def _dynamic_quant(t: torch.Tensor, group: int, fp8_dtype: torch.dtype, block: bool
+                   ) -> torch.Tensor:
+    """``t`` [rows, cols] quantised with one dynamic scale per row, or per ``group`` columns
+    of a row (the last group may be narrower), dequantised (float64). The scale's floor is
+    vLLM's per-token one, ``1 / (FP8_MAX * 512)``, or (``block``) its per-token-group one,
+    ``max(amax, GROUP_EPS) / FP8_MAX``. A NaN group's scale is NaN (clamp keeps NaN), so the
+    group stays NaN like the kernels."""
+    m = fp8_max(fp8_dtype)
     out = []
-    for c in t.double().split(group, dim=-1):
+    for c in t.double().split(group, dim=-1) if group else (t.double(),):
         amax = c.abs().amax(dim=-1, keepdim=True)
-        # NaN stays NaN (clamp keeps it), like the per-row path
-        scale = torch.clamp(amax, min=GROUP_EPS) / fp8_max(fp8_dtype)
+        scale = (torch.clamp(amax, min=GROUP_EPS) / m if block
+                 else torch.clamp(amax / m, min=min_scale(fp8_dtype)))
         out.append(quantize(c, scale, fp8_dtype))
     return torch.cat(out, dim=-1)
+
+
+def group_quant(t: torch.Tensor, group: int, fp8_dtype: torch.dtype) -> torch.Tensor:
+    """``t`` [rows, cols] quantised per row in groups of ``group`` columns with vLLM's
+    per-token-group scale (block FP8), dequantised (float64)."""
+    return _dynamic_quant(t, group, fp8_dtype, block=True)
 
 
 def block_dequant(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
