@@ -85,3 +85,28 @@ def check(moe: FusedMoE, variant: str, p: dict, out: torch.Tensor,
     result = gate(got, ref, **(tol or TIGHT))
     assert result.passed, f"{variant} {moe.scheme.value} M={p['x'].shape[0]}: {result}"
     return result, ref
+
+
+def check_every_variant(moe: FusedMoE, p: dict, M: int, label: str, sample: int = 32) -> int:
+    """Run every variant meant for M (gemv only where it is meant to run: it is slow at large
+    M) on ``p`` and gate each against the float64 reference of its own semantics
+    (quantisation and intermediate scale width) on ``sample`` rows, at the variant's own
+    tolerance; returns how many ran."""
+    out = torch.empty(M, moe.shape.K, dtype=torch.bfloat16, device=p["x"].device)
+    rows = torch.randperm(M, device="cpu")[:sample]
+    refs: dict[tuple[bool, int], torch.Tensor] = {}
+    ran = 0
+    for v in moe.variants_for(M):
+        run(moe, v, p, out)
+        if out.is_cuda:
+            torch.cuda.synchronize()
+        assert not torch.isnan(out).any(), f"{v}: unwritten (poisoned) or NaN output at M={M}"
+        sem = (moe.quantize_activations(v), moe.act_group(v))
+        if sem not in refs:
+            refs[sem] = reference_for(moe, v, p, rows)
+        tol = moe.tolerance(v)
+        result, _ = check(moe, v, p, out, rows=rows, ref=refs[sem], rel_fro_max=tol,
+                          mean_rel_abs_max=tol)
+        print(f"{label} M={M} {v}: {result}")
+        ran += 1
+    return ran

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from tests._problems import ARGS, check, make_tokens, make_weights, reference_for, run
+from tests._problems import ARGS, check, check_every_variant, make_tokens, make_weights, run
 from vllm_moe_aot.dispatch.configs import preset_shape
 from vllm_moe_aot.shapes import PRESETS, TUNED_TOKEN_COUNTS, MoEShape, Scheme
 
@@ -46,31 +46,11 @@ def ep_moe(request):
     return request.param, shape, scheme, moe, weights
 
 
-def _check_all(moe, p: dict, M: int, label: str) -> int:
-    out = torch.empty(M, moe.shape.K, dtype=torch.bfloat16, device="cuda")
-    rows = torch.randperm(M)[:SAMPLE]
-    refs: dict[tuple[bool, int], torch.Tensor] = {}
-    ran = 0
-    for v in moe.variants_for(M):
-        run(moe, v, p, out)
-        torch.cuda.synchronize()
-        assert not torch.isnan(out).any(), f"{v}: unwritten (poisoned) or NaN output at M={M}"
-        sem = (moe.quantize_activations(v), moe.act_group(v))
-        if sem not in refs:
-            refs[sem] = reference_for(moe, v, p, rows)
-        tol = moe.tolerance(v)
-        result, _ = check(moe, v, p, out, rows=rows, ref=refs[sem], rel_fro_max=tol,
-                          mean_rel_abs_max=tol)
-        print(f"{label} M={M} {v}: {result}")
-        ran += 1
-    return ran
-
-
 @pytest.mark.parametrize("M", TUNED_TOKEN_COUNTS)
 def test_ep8_every_variant_against_reference(ep_moe, M):
     name, shape, scheme, moe, weights = ep_moe
     p = {**weights, **_tokens(shape, scheme, M, seed=M)}
-    assert _check_all(moe, p, M, f"{name} ep8") > 0
+    assert check_every_variant(moe, p, M, f"{name} ep8", SAMPLE) > 0
 
 
 @pytest.mark.parametrize("N", [640, 2048])
@@ -83,7 +63,7 @@ def test_wide_n_ptpc_against_reference(N, M):
     assert any(moe.regime(v) == "grouped" for v in moe.variants_for(M))
     p = {**make_weights(shape, Scheme.FP8_PTPC, torch.Generator("cuda").manual_seed(N), "cuda"),
          **_tokens(shape, Scheme.FP8_PTPC, M, seed=N + M)}
-    assert _check_all(moe, p, M, f"ptpc N={N}") > 0
+    assert check_every_variant(moe, p, M, f"ptpc N={N}", SAMPLE) > 0
 
 
 SOAK_REPLAYS = 10_000

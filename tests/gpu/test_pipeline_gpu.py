@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests._problems import ARGS, check, make_tokens, make_weights, reference_for, run
+from tests._problems import ARGS, check_every_variant, make_tokens, make_weights, run
 from vllm_moe_aot.shapes import PRESETS, TUNED_TOKEN_COUNTS
 
 pytestmark = [
@@ -32,23 +32,7 @@ def preset_moe(request):
 def test_every_variant_against_reference(preset_moe, M):
     preset, moe, weights, g = preset_moe
     p = {**weights, **make_tokens(preset.shape, preset.scheme, M, g, device="cuda")}
-    out = torch.empty(M, preset.shape.K, dtype=torch.bfloat16, device="cuda")
-    rows = torch.randperm(M, device="cpu")[:SAMPLE]
-    refs: dict[bool, torch.Tensor] = {}
-    ran = 0
-    for v in moe.variants_for(M):  # gemv only where it is meant to run: it is slow at large M
-        run(moe, v, p, out)
-        torch.cuda.synchronize()
-        assert not torch.isnan(out).any(), f"{v}: unwritten (poisoned) or NaN output at M={M}"
-        q = moe.quantize_activations(v)
-        if q not in refs:
-            refs[q] = reference_for(moe, v, p, rows)
-        tol = moe.tolerance(v)
-        result, _ = check(moe, v, p, out, rows=rows, ref=refs[q], rel_fro_max=tol,
-                          mean_rel_abs_max=tol)
-        print(f"{preset.name} M={M} {v}: {result}")
-        ran += 1
-    assert ran > 0
+    assert check_every_variant(moe, p, M, preset.name, SAMPLE) > 0
 
 
 @pytest.mark.parametrize("M", [1, 37, 4096])
