@@ -150,15 +150,14 @@ def unsupported_reason(shape: MoEShape, scheme: Scheme | str | None = None) -> s
     """Return why the AOT pipeline cannot serve ``shape``/``scheme``, or None if it can."""
     if scheme is not None and not isinstance(scheme, Scheme):
         try:
-            Scheme.parse(scheme)
+            scheme = Scheme.parse(scheme)
         except ValueError as exc:
             return str(exc)
     if not (K_MULTIPLE <= shape.K <= MAX_K and shape.K % K_MULTIPLE == 0):
         return f"hidden size K={shape.K} must be a multiple of {K_MULTIPLE} up to {MAX_K}"
     if not (N_MULTIPLE <= shape.N <= MAX_N and shape.N % N_MULTIPLE == 0):
         return f"intermediate size N={shape.N} must be a multiple of {N_MULTIPLE} up to {MAX_N}"
-    if scheme is not None and Scheme.parse(str(getattr(scheme, "value", scheme))).block_weights \
-            and shape.N % WEIGHT_BLOCK[0]:
+    if scheme is not None and scheme.block_weights and shape.N % WEIGHT_BLOCK[0]:
         return (f"intermediate size N={shape.N} must be a multiple of the {WEIGHT_BLOCK[0]}-row "
                 "weight block for block FP8")
     if not 1 <= shape.E <= MAX_E:
