@@ -203,13 +203,12 @@ class GroupedStage2Tile:
         """``scale_n``: stage 1's BLOCK_N, the width of one activation scale (tile_scales)."""
         bm = self.block_m(align_m)
         dims = f"{_SHORT[scheme]}_m{bm}_k{self.bk}_n{self.bn}"
+        scales = f"_ts{scale_n}" if self.tile_scales else ""
         if not self.k_split:
-            return (f"grp_s2_{dims}{'_atomic' if self.atomic else ''}"
-                    + (f"_ts{scale_n}" if self.tile_scales else ""))
+            return f"grp_s2_{dims}{'_atomic' if self.atomic else ''}{scales}"
         kind = "res" if self.resident else "loop"
         return (f"grp_s2{kind}_{dims}_split{self.k_split}"
-                + (f"_align{align_m}" if align_m != bm else "")
-                + (f"_ts{scale_n}" if self.tile_scales else ""))
+                + (f"_align{align_m}" if align_m != bm else "") + scales)
 
 
 S1_TILES = (
