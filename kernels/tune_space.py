@@ -274,7 +274,12 @@ MODES = (Mode("std", False), Mode("atomic", False), Mode("std", True), Mode("k25
          Mode("loop4m64", True), Mode("res4n128", True), Mode("res4n256", True),
          Mode("res4m64n128", True), Mode("wloop4", False), Mode("wloop4", True),
          Mode("wloop4n128", True), Mode("wloop4m64", True), Mode("wloop4m64n128", True),
-         Mode("wstd", False), Mode("wstd", True))
+         Mode("wstd", False), Mode("wstd", True), Mode("wloop4n128", False),
+         Mode("wloop4m64", False), Mode("wloop4m64n128", False))
+#: modes built for block FP8 only: its stage 1 always promotes, and these tiles (N = 128 in one
+#: chunk, the BLOCK_M=128 stage 1) lost to their fastacc forms for every other scheme
+BLOCK_ONLY_MODES = {Mode("wloop4n128", False), Mode("wloop4m64", False),
+                    Mode("wloop4m64n128", False)}
 #: stage-1 tiles also built without per-chunk promotion -> the fastacc modes built for the tile
 #: (None: all). m64n256 covers Hy3's N=192 with one gate/up tile (A read once per row block
 #: instead of 3x with m64n64)
@@ -426,6 +431,8 @@ def grouped_space() -> tuple[list[KernelSpec], list[Variant]]:
             act_group: dict[str, int] = {}
             for scheme, f in SCHEME_FLAGS.items():
                 static = f.static
+                if mode in BLOCK_ONLY_MODES and not f.block:
+                    continue
                 if not static and t.bn < 128 and not s2.tile_scales:
                     continue  # one scale per row wants the row in one tile
                 if f.block and (not s2.tile_scales or QBLOCK % s2.bn or t.bk != QBLOCK

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.tune_space import VARIANTS
 from tests._problems import check, make, run
 from vllm_moe_aot.pipeline import FusedMoE
 from vllm_moe_aot.shapes import MoEShape, Scheme
@@ -35,6 +36,17 @@ def test_block_variants_and_their_semantics(moe):
 def test_both_regimes_against_the_block_reference(moe, M):
     p = make(SHAPE, BLOCK, M, seed=M)
     for v in (GEMV, *GROUPED):
+        check(moe, v, p, run(moe, v, p))
+
+
+def test_block_only_promoting_modes(moe):
+    """The modes built for block FP8 alone (tune_space.BLOCK_ONLY_MODES): N in one 128-wide
+    stage-2 chunk, and the BLOCK_M=128 stage 1 feeding a BLOCK_M=64 looped stage 2."""
+    names = ("grouped_m64_wloop4n128", "grouped_m128_wloop4m64", "grouped_m128_wloop4m64n128")
+    built = {v.name: v for v in VARIANTS}
+    assert all(set(built[v].kernels) == {BLOCK.value} for v in names)
+    p = make(SHAPE, BLOCK, 7, seed=5)
+    for v in names:
         check(moe, v, p, run(moe, v, p))
 
 
