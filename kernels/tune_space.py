@@ -248,6 +248,10 @@ S2_TILES = {
     (128, "wloop4m64"): GroupedStage2Tile(128, 64, 4, 3, k_split=4, bm=64, tile_scales=True),
     (128, "wloop4m64n128"): GroupedStage2Tile(128, 128, 4, 3, k_split=4, bm=64,
                                               tile_scales=True),
+    # the BLOCK_M=128 stage 1 feeding a BLOCK_M=128 looped stage 2 (8 warps): half the L2
+    # reads of weight tiles per MMA of wloop4m64n128, for wide layers at large M (256 output
+    # columns per tile spills: 255 registers and a 320-byte stack, 2026-12-03)
+    (128, "wloop4n128"): GroupedStage2Tile(128, 128, 8, 3, k_split=4, tile_scales=True),
     # ... and one output tile per program: K / 128 programs per row block (small batches)
     (16, "wstd"): GroupedStage2Tile(128, 64, 4, 3, tile_scales=True),
     (64, "wstd"): GroupedStage2Tile(128, 64, 4, 3, tile_scales=True),

@@ -42,7 +42,8 @@ def test_both_regimes_against_the_block_reference(moe, M):
 def test_block_only_promoting_modes(moe):
     """The modes built for block FP8 alone (tune_space.BLOCK_ONLY_MODES): N in one 128-wide
     stage-2 chunk, and the BLOCK_M=128 stage 1 feeding a BLOCK_M=64 looped stage 2."""
-    names = ("grouped_m64_wloop4n128", "grouped_m128_wloop4m64", "grouped_m128_wloop4m64n128")
+    names = ("grouped_m64_wloop4n128", "grouped_m128_wloop4m64", "grouped_m128_wloop4m64n128",
+             "grouped_m128_wloop4n128")
     built = {v.name: v for v in VARIANTS}
     assert all(set(built[v].kernels) == {BLOCK.value} for v in names)
     p = make(SHAPE, BLOCK, 7, seed=5)
