@@ -72,9 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-dir", default=None, help="tuned configs (default: the package's)")
     p.add_argument("--peers", nargs="+", default=["all"],
                    choices=["all", "none", "vllm_triton", "vllm_cutlass", "torch_grouped",
-                            "gemm_bound"],
+                            "gemm_bound", "deepgemm_bound"],
                    help="peers to time beside ours (default all: vLLM's Triton path, vLLM's "
-                        "CUTLASS MoE, the torch grouped-GEMM pipeline, the two GEMMs alone); "
+                        "CUTLASS MoE, the torch grouped-GEMM pipeline, the two GEMMs alone on "
+                        "torch or, for fp8_block, on DeepGEMM); "
                         "each one that cannot run here is listed as skipped with the reason")
     p.add_argument("--stock", default="auto",
                    choices=["auto", "none", "vllm_triton", "vllm_cutlass", "torch_grouped"],
@@ -257,7 +258,8 @@ def run_cpu(args, shape: MoEShape, scheme: Scheme, name: str, moe_factory=None) 
                                 "tp": args.tp})
     skipped = [
         "GPU timing of the AOT pipeline (no GPU)" if not args.cpu else "GPU timing (--cpu)",
-        "peer timing (vllm_triton, vllm_cutlass, torch_grouped, gemm_bound: GPU only)",
+        "peer timing (vllm_triton, vllm_cutlass, torch_grouped, gemm_bound, deepgemm_bound: "
+        "GPU only)",
         "host time of one eager call (--host-tokens; needs the GPU path)",
         "HBM bandwidth and fp8 FLOP/s measurement, floors, GB/s, TFLOPS",
         "dispatch table (needs the GPU's name and arch); every compiled variant is checked",

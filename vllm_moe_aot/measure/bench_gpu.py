@@ -52,7 +52,7 @@ def run_gpu(args, shape: MoEShape, scheme: Scheme, name: str) -> int:
     except Exception as exc:  # noqa: BLE001
         report.notes.append(f"AOT pipeline unavailable: {type(exc).__name__}: {exc}")
         print(f"warning: {report.notes[-1]}")
-    peers, skipped = _lineup(args, dev, scheme)
+    peers, skipped = _lineup(args, dev, scheme, shape)
     report.skipped += skipped
     report.peers = {n: p.source for n, p in peers.items()}
     stock, report.stock_why = _stock_peer(args, scheme, peers)
@@ -103,7 +103,7 @@ def run_gpu(args, shape: MoEShape, scheme: Scheme, name: str) -> int:
     return 1 if failures else 0
 
 
-def _lineup(args, dev, scheme):
+def _lineup(args, dev, scheme, shape=None):
     from vllm_moe_aot.measure.peers.lineup import PEER_NAMES, lineup
 
     names = tuple(PEER_NAMES) if "all" in args.peers else tuple(
@@ -113,7 +113,7 @@ def _lineup(args, dev, scheme):
     if args.stock == "auto" and "vllm_triton" not in names:
         names += ("vllm_triton",)  # stands in where what vLLM would run cannot
     source = None if args.triton_source == "auto" else args.triton_source
-    return lineup(dev, scheme, names, triton_source=source)
+    return lineup(dev, scheme, names, triton_source=source, shape=shape)
 
 
 def _stock_peer(args, scheme, peers) -> tuple[str | None, str]:

@@ -96,7 +96,7 @@ def cell(v, spec=".2f", none="-") -> str:
 
 #: short column heads of the peers (table order)
 PEER_HEADS = {"vllm_triton": "triton", "vllm_cutlass": "cutlass", "torch_grouped": "torch",
-              "gemm_bound": "bound"}
+              "gemm_bound": "bound", "deepgemm_bound": "dgbound"}
 
 
 def _x(v) -> str:
@@ -161,7 +161,8 @@ def plot(report: BenchReport, path: str) -> None:
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
     styles = {"vllm_triton": ("s-", "gray"), "vllm_cutlass": ("D-", "tab:brown"),
-              "torch_grouped": ("^-", "tab:olive"), "gemm_bound": ("v:", "tab:purple")}
+              "torch_grouped": ("^-", "tab:olive"), "gemm_bound": ("v:", "tab:purple"),
+              "deepgemm_bound": ("v:", "tab:pink")}
     for n, pts in peers.items():
         ms = sorted(pts)
         marker, color = styles.get(n, ("x-", "black"))

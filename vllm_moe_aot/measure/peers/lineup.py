@@ -22,7 +22,7 @@ from vllm_moe_aot.measure.workload import MoEProblem
 from vllm_moe_aot.shapes import Scheme
 
 #: the peers, in table order
-PEER_NAMES = ("vllm_triton", "vllm_cutlass", "torch_grouped", "gemm_bound")
+PEER_NAMES = ("vllm_triton", "vllm_cutlass", "torch_grouped", "gemm_bound", "deepgemm_bound")
 #: peers that are a whole layer (the best peer is the fastest of these); ``gemm_bound`` is the
 #: two grouped GEMMs alone, a bound and not something a server could run
 COMPLETE = ("vllm_triton", "vllm_cutlass", "torch_grouped")
@@ -34,6 +34,8 @@ DESCRIBE = {
     "torch_grouped": "torch pipeline around torch._scaled_grouped_mm",
     "gemm_bound": "the two torch._scaled_grouped_mm GEMMs alone (no routing, quantisation, "
                   "activation or reduce)",
+    "deepgemm_bound": "the two GEMMs alone on DeepGEMM's block-FP8 grouped-contiguous kernel "
+                      "(the bound of fp8_block layers, built by scripts/build_deepgemm.py)",
 }
 
 
@@ -130,11 +132,22 @@ def _torch(dev: torch.device, scheme: Scheme, name: str) -> tuple[Peer | None, s
     return Peer(name, "torch", GroupedGemmBound(scheme).bind, gated=False), ""
 
 
+def _deepgemm(dev: torch.device, scheme: Scheme, shape) -> tuple[Peer | None, str]:
+    from vllm_moe_aot.measure.peers import deepgemm_bound
+
+    why = deepgemm_bound.unavailable_reason(scheme, shape, device=dev)
+    if why is not None:
+        return None, why
+    impl = deepgemm_bound.DeepGemmBound(scheme)
+    return Peer("deepgemm_bound", impl.lib.path.name, impl.bind, gated=False), ""
+
+
 def lineup(dev: torch.device, scheme: Scheme, names: tuple[str, ...] = PEER_NAMES, *,
-           triton_source: str | None = None) -> tuple[dict[str, Peer], list[str]]:
+           triton_source: str | None = None, shape=None) -> tuple[dict[str, Peer], list[str]]:
     """The peers of ``names`` that run on ``dev`` (by name, in table order) and, for each
     one left out, ``"<name>: why"``. ``triton_source`` ("vllm" or "vllm_stock") pins where
-    vLLM's Triton path comes from (default: the real vLLM, else the carried copy)."""
+    vLLM's Triton path comes from (default: the real vLLM, else the carried copy); ``shape``
+    (the layer's MoEShape, if known) lets a peer built for some layers only say so here."""
     peers: dict[str, Peer] = {}
     skipped: list[str] = []
     for name in names:
@@ -145,6 +158,8 @@ def lineup(dev: torch.device, scheme: Scheme, names: tuple[str, ...] = PEER_NAME
                 peer, why = _vllm_triton(dev, triton_source)
             elif name == "vllm_cutlass":
                 peer, why = _vllm_cutlass(dev, scheme)
+            elif name == "deepgemm_bound":
+                peer, why = _deepgemm(dev, scheme, shape)
             else:
                 peer, why = _torch(dev, scheme, name)
         except Exception as exc:  # noqa: BLE001 - a peer that cannot start is left out
