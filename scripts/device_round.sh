@@ -9,7 +9,7 @@
 # second held-out check (scripts/validate_policy.py --layers held-out-2); eptest: the EP8 and
 # wide-N GPU tests with the soak, and the peers'; sanitize: the EP8 layers under memcheck and
 # racecheck. Needs carry
-# [".vllm_stock", ".whl", "build/vllm_cutlass"] (the last from scripts/build_vllm_cutlass.py).
+# [".vllm_stock", ".whl", "build/vllm_cutlass", "build/deepgemm"] (the last two from scripts/build_vllm_cutlass.py and scripts/build_deepgemm.py).
 # STEP_TIMEOUT (s, default 560) bounds each step so that the tarball is always written.
 set -u
 OUT=${OUT:-./out}
