@@ -52,6 +52,10 @@ E_PAD = 1024
 #: the product gate (vllm_moe_aot.measure.reference.GATE_REL_FRO): what unpromoted fp8 MMA
 #: accumulation over K=4096 is held to, as vLLM's stock kernel is (measured 1.1e-2 to 1.6e-2)
 GATE_TOLERANCE = 3e-2
+#: block FP8's grouped variants are held to the product gate: on the H200 at K=4096 they
+#: measure 1.4e-2 to 1.9e-2 against the float64 block reference, vLLM's own block kernel
+#: 1.8e-2 to 1.9e-2 (2026-12-03, scripts/diagnose_block.py); at K=384 both are 2e-3 to 1.2e-2
+BLOCK_TOLERANCE = {"fp8_block": GATE_TOLERANCE}
 
 
 def _warps(nw: int) -> str:
@@ -470,7 +474,9 @@ def grouped_space() -> tuple[list[KernelSpec], list[Variant]]:
                 name=f"grouped_{t.tag}{mode.suffix}", regime=Regime.GROUPED, kernels=kernels,
                 quantize_activations=True, max_n=max_n, max_topk=TOPK_PAD,
                 tolerance=DEFAULT_TOLERANCE if promote else GATE_TOLERANCE, block_m=t.bm,
-                act_group=act_group))
+                act_group=act_group,
+                scheme_tolerance={sch: tol for sch, tol in BLOCK_TOLERANCE.items()
+                                  if sch in kernels}))
     return list(s1_specs.values()) + list(s2_specs.values()), variants
 
 

@@ -33,6 +33,16 @@ def test_variant_roles_must_match_the_regime():
                 quantize_activations=False)
 
 
+def test_a_scheme_can_hold_a_variant_to_a_looser_tolerance():
+    v = _gemv(tolerance=1e-2, scheme_tolerance={Scheme.FP8_BLOCK: 3e-2})
+    assert v.tolerance_for(Scheme.FP8_BLOCK) == 3e-2 and v.tolerance_for("fp8_ptpc") == 1e-2
+    assert Variant.from_json(v.to_json()) == v
+    old = {k: x for k, x in v.to_json().items() if k != "scheme_tolerance"}
+    assert Variant.from_json(old).tolerance_for("fp8_block") == 1e-2  # manifests before it
+    block = [x for x in Manifest.load().variants if "fp8_block" in x.kernels]
+    assert {x.tolerance_for("fp8_block") for x in block if x.regime is Regime.GROUPED} == {3e-2}
+
+
 def test_committed_manifest_round_trips_into_the_same_types():
     m = Manifest.load()
     again = ManifestDoc.parse(m.to_json())

@@ -203,7 +203,9 @@ class Variant:
     ``max_tokens`` is the largest batch it is meant for: the tuner does not try it beyond (it
     would be correct, only pointlessly slow). ``tolerance`` is the relative error against the
     float64 reference it is held to in tests; variants that chain Hopper's reduced-precision
-    fp8 MMA accumulator over all of K (like vLLM's stock kernel) declare the product gate.
+    fp8 MMA accumulator over all of K (like vLLM's stock kernel) declare the product gate;
+    ``scheme_tolerance`` overrides it for a scheme whose arithmetic is looser than the
+    variant's others (block FP8's per-chunk scaled MMA sums).
     ``block_m`` is what it needs from the workspace: the row block its sorted expert rows are
     padded to (0: it sorts nothing). ``act_group`` (per scheme) is the width of one dynamic
     scale of the re-quantised intermediate where it is not the whole row of N: the stage-1 N
@@ -220,6 +222,7 @@ class Variant:
     tolerance: float = DEFAULT_TOLERANCE
     block_m: int = 0
     act_group: dict[str, int] = field(default_factory=dict)
+    scheme_tolerance: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "regime", Regime(self.regime))
@@ -229,6 +232,8 @@ class Variant:
         object.__setattr__(self, "max_n", {_value(s): int(n) for s, n in self.max_n.items()})
         object.__setattr__(self, "act_group",
                            {_value(s): int(n) for s, n in self.act_group.items()})
+        object.__setattr__(self, "scheme_tolerance",
+                           {_value(s): float(t) for s, t in self.scheme_tolerance.items()})
         for scheme, roles in self.kernels.items():
             if set(roles) != set(self.regime.roles):
                 raise ManifestError(
@@ -260,6 +265,11 @@ class Variant:
         """Columns per dynamic scale of the re-quantised intermediate (0: the whole row)."""
         return self.act_group.get(_value(scheme), 0)
 
+    def tolerance_for(self, scheme: Any) -> float:
+        """The relative error against the float64 reference this variant is held to under
+        ``scheme``."""
+        return self.scheme_tolerance.get(_value(scheme), self.tolerance)
+
     def chain(self, scheme: Any) -> dict[Role, str]:
         """Role -> kernel name for ``scheme``, in launch order."""
         roles = self.kernels[_value(scheme)]
@@ -276,7 +286,8 @@ class Variant:
                 "quantize_activations": self.quantize_activations, "max_n": dict(self.max_n),
                 "max_topk": self.max_topk, "max_tokens": self.max_tokens,
                 "tolerance": self.tolerance, "block_m": self.block_m,
-                "act_group": dict(self.act_group)}
+                "act_group": dict(self.act_group),
+                "scheme_tolerance": dict(self.scheme_tolerance)}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str = "manifest") -> Variant:
@@ -286,7 +297,8 @@ class Variant:
                        max_n=d.get("max_n", {}), max_topk=int(d["max_topk"]),
                        max_tokens=int(d.get("max_tokens", UNBOUNDED_TOKENS)),
                        tolerance=float(d["tolerance"]), block_m=int(d["block_m"]),
-                       act_group=d.get("act_group", {}))
+                       act_group=d.get("act_group", {}),
+                       scheme_tolerance=d.get("scheme_tolerance", {}))
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"{where}: malformed variant entry {d.get('name')!r}: "
                                 f"{type(e).__name__}: {e}; rebuild with `vllm-moe-aot build`"

@@ -15,9 +15,11 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
+#: the presets with row-wise scales (block FP8 is not this peer's: the line-up says why)
+ROW_PRESETS = [n for n, p in PRESETS.items() if not p.scheme.block_weights]
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", ROW_PRESETS)
 @pytest.mark.parametrize("M", [1, 37, 4096])
 def test_torch_peer_gpu(preset, M):
     pr = PRESETS[preset]

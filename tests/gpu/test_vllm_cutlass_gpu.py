@@ -18,6 +18,8 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
+#: the presets with row-wise scales (block FP8 is not this peer's: the line-up says why)
+ROW_PRESETS = [n for n, p in PRESETS.items() if not p.scheme.block_weights]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def test_vllm_cutlass_matches_float64(lib, scheme, M):
     torch.testing.assert_close(captured, eager, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", ROW_PRESETS)
 def test_vllm_cutlass_presets(lib, preset):
     pr = PRESETS[preset]
     M = 256
