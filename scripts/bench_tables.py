@@ -25,7 +25,8 @@ def fmt(v, spec: str = ".1f") -> str:
 
 #: peer columns of reports written since every peer is timed (issue 12), in table order
 PEERS = (("vllm_triton", "vLLM Triton"), ("vllm_cutlass", "vLLM CUTLASS"),
-         ("torch_grouped", "torch pipeline"), ("gemm_bound", "CUTLASS-class bound"))
+         ("torch_grouped", "torch pipeline"), ("gemm_bound", "CUTLASS-class bound"),
+         ("deepgemm_bound", "DeepGEMM bound"))
 
 
 def table(report: dict) -> str:
