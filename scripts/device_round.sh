@@ -51,7 +51,7 @@ for step in $STEPS; do
       CONFIG_DIR=${CONFIG_DIR:-$W/tune} ;;
     peertest)
       mkdir -p "$W/peertest"
-      timeout "$T" python3 -m pytest -q -p no:cacheprovider -s tests/gpu/test_vllm_cutlass_gpu.py \
+      timeout "$T" python3 -m pytest -m gpu -q -p no:cacheprovider -s tests/gpu/test_vllm_cutlass_gpu.py \
         tests/gpu/test_torch_peer_gpu.py > "$W/peertest/stdout.txt" 2>&1 || rc=1
       grep -E "vllm_cutlass|passed|failed|error" "$W/peertest/stdout.txt" | tail -40 ;;
     heldout)
@@ -86,7 +86,8 @@ for step in $STEPS; do
       # layers under memcheck and racecheck
       mkdir -p "$W/eptest"
       # EPTEST_K: a pytest -k expression (spaces allowed); EPTEST_ARGS: more test paths
-      timeout "$T" python3 -m pytest -q -p no:cacheprovider -s -rA ${EPTEST_K:+-k "$EPTEST_K"} \
+      # -m gpu: the Triton interpreter stays off (tests/conftest.py)
+      timeout "$T" python3 -m pytest -m gpu -q -p no:cacheprovider -s -rA ${EPTEST_K:+-k "$EPTEST_K"} \
         ${EPTEST_ARGS:-} tests/gpu/test_pipeline_ep_gpu.py tests/gpu/test_vllm_cutlass_gpu.py \
         tests/gpu/test_torch_peer_gpu.py > "$W/eptest/stdout.txt" 2>&1 || rc=1
       grep -E "soak|passed|failed|Error" "$W/eptest/stdout.txt" | tail -30 ;;

@@ -5,6 +5,7 @@ layer (TP8: E=512, K=4096, N=128, topk=10): the reference is what vLLM computes.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,10 @@ pytestmark = [
 
 
 def _vllm_stock():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.fail("TRITON_INTERPRET=1 in this process: vLLM's Triton path would run in Triton's "
+                    "interpreter, whose fp8 conversion mis-rounds; run the GPU tests with -m gpu "
+                    "(tests/conftest.py)")
     if "vllm" in sys.modules and not getattr(sys.modules["vllm"], "__vllm_stock_shim__", False):
         pytest.skip("a real vLLM is imported in this process (vllm_stock refuses to load)")
     if importlib.util.find_spec("vllm_stock") is None:
