@@ -50,23 +50,37 @@ planned one.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import datetime
-import hashlib
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+# cuda_shared_lib is beside this file; its folder is on the path when this runs as a script, not
+# when a test loads it by file path (appended there, so that it shadows nothing)
+if str(ROOT / "scripts") not in sys.path:
+    sys.path.append(str(ROOT / "scripts"))
+
+from cuda_shared_lib import (  # noqa: E402 - after the path setup
+    BuildError,
+    Unit,
+    check_shared_library,
+    compile_units,
+    library_record,
+    link,
+    load_in_fresh_process,
+    make_log,
+    nvcc_path,
+    nvcc_version,
+    sha256_file,
+    sources_record,
+)
 
 from vllm_moe_aot.measure.peers.deepgemm_bound import (  # noqa: E402 - after the path setup
     DEEPGEMM_COMMIT,
@@ -103,17 +117,7 @@ DEEPGEMM_NVCC_FLAGS = [
     "-fvisibility=hidden",
 ]
 
-
-class BuildError(RuntimeError):
-    pass
-
-
-def log(msg: str) -> None:
-    print(f"[build_deepgemm {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def sha256_file(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
+log = make_log("build_deepgemm")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,29 +356,6 @@ def write_if_changed(path: Path, text: str) -> None:
 # Compile, link, check
 
 
-def nvcc_path(arg: str | None) -> str:
-    for c in (arg, os.environ.get("NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
-        if c and Path(c).exists():
-            return c
-    raise BuildError("nvcc not found (pass --nvcc)")
-
-
-def nvcc_home(nvcc: str) -> Path:
-    real = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", "/dev/null"],
-                          capture_output=True, text=True).stderr
-    m = re.search(r"TOP=(\S+)", real)
-    if m:
-        return Path(m.group(1).strip('"'))
-    return Path(os.path.realpath(nvcc)).parent.parent
-
-
-def _stamp(cmd: list[str], inputs: list[Path]) -> str:
-    h = hashlib.sha256(json.dumps(cmd).encode())
-    for p in inputs:
-        h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 def _header_inputs(*dirs: Path) -> list[Path]:
     return sorted(p for d in dirs for p in d.rglob("*") if p.is_file() and
                   p.suffix in (".cuh", ".h", ".hpp", ".inc"))
@@ -389,105 +370,26 @@ def _ptxas_resources(log_text: str) -> dict:
 
 def compile_all(args, out: Path, gen: Path, kernels: list[KernelConfig], dg: dict,
                 cutlass: dict) -> tuple[list[Path], dict[int, dict]]:
-    nvcc = nvcc_path(args.nvcc)
-    objdir, logdir = out / "obj", out / "logs"
-    objdir.mkdir(parents=True, exist_ok=True)
-    logdir.mkdir(parents=True, exist_ok=True)
+    """The objects (kernels, then host) and each kernel's ptxas resources (from its log)."""
     dg_inc, cl_inc = Path(dg["include"]), Path(cutlass["include"])
     kernel_inputs = _header_inputs(dg_inc / "deep_gemm")
     # CUTLASS's headers are identified by the commit (hashing 700 files per unit is slow)
     cutlass_id = cutlass.get("commit") or cutlass["include"]
-    tus: list[tuple[str, Path, list[str], list[Path]]] = []
+    tus: list[Unit] = []
     for i in range(len(kernels)):
         src = gen / f"kernel_{i:03d}.cu"
         cmd = [*DEEPGEMM_NVCC_FLAGS, f"-I{dg_inc}", f"-I{cl_inc}", f"-DDGB_CUTLASS={cutlass_id}"]
-        tus.append((f"kernel_{i:03d}", src, cmd, [src, *kernel_inputs]))
+        tus.append(Unit(f"kernel_{i:03d}", src, cmd, [src, *kernel_inputs]))
     host = HOST_DIR / "host.cu"
     host_cmd = ["-std=c++17", "-O2", "-gencode=arch=compute_90a,code=sm_90a", f"-I{gen}",
                 f"-I{HOST_DIR}", "--compiler-options=-fPIC,-fvisibility=hidden"]
-    tus.append(("host", host, host_cmd, [host, HOST_DIR / "kernels.cuh", gen / "kernels.inc",
-                                         gen / "build_info.h"]))
-    resources: dict[int, dict] = {}
-
-    def build(tu):
-        name, src, flags, inputs = tu
-        obj = objdir / f"{name}.o"
-        cmd = [nvcc, *flags, "-x", "cu", "-c", str(src), "-o", str(obj)]
-        stamp = _stamp(cmd, inputs)
-        stamp_file = obj.with_suffix(".stamp")
-        logf = logdir / f"{name}.log"
-        if obj.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
-            return name, obj, 0.0, "reused", logf
-        if args.threads:
-            cmd.insert(1, f"--threads={args.threads}")
-        t0 = time.monotonic()
-        with open(logf, "w") as lf:
-            lf.write(shlex.join(cmd) + "\n\n")
-            lf.flush()
-            r = subprocess.run(cmd, stdout=lf, stderr=subprocess.STDOUT)
-        dt = time.monotonic() - t0
-        if r.returncode != 0:
-            tail = "".join(logf.read_text().splitlines(True)[-40:])
-            raise BuildError(f"{name}: nvcc failed (rc={r.returncode}, log {logf}):\n{tail}")
-        stamp_file.write_text(stamp)
-        return name, obj, dt, "compiled", logf
-
-    rel = logdir.relative_to(ROOT) if logdir.is_relative_to(ROOT) else logdir
-    log(f"compiling {len(tus)} translation units ({len(kernels)} kernels + host) with "
-        f"{args.jobs} jobs (logs in {rel})")
-    objs: dict[str, Path] = {}
-    t_start = time.monotonic()
-    done = 0
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as ex:
-        futs = [ex.submit(build, tu) for tu in tus]
-        try:
-            for f in concurrent.futures.as_completed(futs):
-                name, obj, dt, how, logf = f.result()
-                objs[name] = obj
-                done += 1
-                if name.startswith("kernel_") and logf.is_file():
-                    resources[int(name.split("_")[1])] = _ptxas_resources(logf.read_text())
-                log(f"  [{done}/{len(tus)}] {name}: {how}" + (f" in {dt:.0f} s" if dt else "")
-                    + f" ({time.monotonic() - t_start:.0f} s elapsed)")
-        except BaseException:
-            for fut in futs:
-                fut.cancel()
-            raise
-    return [objs[t[0]] for t in tus], resources
-
-
-def link(args, objs: list[Path], lib: Path) -> None:
-    nvcc = nvcc_path(args.nvcc)
-    tmp = lib.with_suffix(".so.tmp")
-    cmd = [nvcc, "-shared", "-gencode", "arch=compute_90a,code=sm_90a", "-cudart", "static",
-           "-o", str(tmp), *map(str, objs),
-           "-Xcompiler=-static-libstdc++,-static-libgcc",
-           "-Xlinker", "--exclude-libs,ALL", "-Xlinker", "-z,defs", "-Xlinker", "--gc-sections",
-           "-Xlinker", "-soname," + LIB_NAME]
-    log("linking: " + shlex.join(cmd))
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise BuildError(f"link failed:\n{r.stdout}\n{r.stderr}")
-    strip = shutil.which("strip")
-    if strip:
-        subprocess.run([strip, "--strip-unneeded", str(tmp)], check=True)
-    tmp.replace(lib)
-
-
-def find_cuobjdump(nvcc: str) -> Path:
-    cands = [nvcc_home(nvcc) / "bin" / "cuobjdump",
-             Path(shutil.which("cuobjdump") or "/nonexistent")]
-    try:
-        import triton
-
-        cands.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
-    except ImportError:  # another interpreter than the venv's: its triton's copy
-        cands += sorted(ROOT.glob(".venv/lib/python3*/site-packages/triton/backends/nvidia/bin/"
-                                  "cuobjdump"))
-    for c in cands:
-        if c.is_file():
-            return c
-    raise BuildError("cuobjdump not found (beside nvcc, on PATH, or in triton's backends)")
+    tus.append(Unit("host", host, host_cmd, [host, HOST_DIR / "kernels.cuh", gen / "kernels.inc",
+                                             gen / "build_info.h"]))
+    done = compile_units(nvcc_path(args.nvcc), tus, out, args.jobs, log, args.threads,
+                         what=f"{len(tus)} translation units ({len(kernels)} kernels + host)")
+    resources = {int(c.name.split("_")[1]): _ptxas_resources(c.log.read_text())
+                 for c in done.values() if c.name.startswith("kernel_") and c.log.is_file()}
+    return [done[t.name].obj for t in tus], resources
 
 
 _LOAD_CHECK = """
@@ -505,41 +407,9 @@ print(json.dumps({"abi": l.deepgemm_bound_abi_version(), "descs": descs,
 
 
 def check_library(lib: Path, nvcc: str, kernels: list[KernelConfig]) -> dict:
-    res: dict = {}
-    nm = subprocess.run(["nm", "-D", "--undefined-only", str(lib)], capture_output=True,
-                        text=True).stdout
-    undefined = sorted({ln.split()[-1] for ln in nm.splitlines() if ln.strip()})
-    bad = [s for s in undefined if re.search(r"aoti_|torch|c10|_ZN3c10|_ZN5torch|cublas|"
-                                             r"^cu[A-Z]", s)]
-    if bad:
-        raise BuildError(f"{lib.name} references torch/cuBLAS/driver symbols: {bad[:10]}")
-    glibc = sorted({m for s in undefined for m in re.findall(r"@GLIBC_([\d.]+)", s)},
-                   key=lambda v: tuple(map(int, v.split("."))))
-    res["max_glibc"] = glibc[-1] if glibc else None
-    needed = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True).stdout
-    res["needed"] = re.findall(r"\(NEEDED\).*\[(.*)\]", needed)
-    exported = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True,
-                              text=True).stdout
-    names = sorted(ln.split()[-1] for ln in exported.splitlines() if " T " in ln)
-    res["exports"] = names
-    stray = [n for n in names if not n.startswith("deepgemm_bound_")]
-    if stray:
-        raise BuildError(f"{lib.name} exports more than its C ABI: {stray[:10]}")
-    cuobjdump = find_cuobjdump(nvcc)
-    elf = subprocess.run([str(cuobjdump), "-lelf", str(lib)], capture_output=True, text=True)
-    arches = sorted(set(re.findall(r"\.(sm_\w+)\.cubin", elf.stdout)))
-    res["cubin_arches"] = arches
-    res["cubins"] = len(re.findall(r"\.cubin", elf.stdout))
-    if arches != ["sm_90a"]:
-        raise BuildError(f"cuobjdump -lelf: expected sm_90a cubins only, got {arches}\n"
-                         f"{elf.stdout[-2000:]}{elf.stderr[-500:]}")
-    ptx = subprocess.run([str(cuobjdump), "-lptx", str(lib)], capture_output=True, text=True)
-    res["ptx_entries"] = len(re.findall(r"PTX file", ptx.stdout))
-    r = subprocess.run([sys.executable, "-c", _LOAD_CHECK, str(lib)], capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        raise BuildError(f"ctypes could not load {lib}: {r.stderr[-2000:]}")
-    got = json.loads(r.stdout)
+    """cuda_shared_lib's checks, then the kernel table the library reports is the plan's."""
+    res = check_shared_library(lib, nvcc, "deepgemm_bound_")
+    got = json.loads(load_in_fresh_process(lib, _LOAD_CHECK))
     want = [[c.n, c.k, c.num_groups, c.block_m, c.block_n, c.block_k, c.block_n_padding,
              c.swizzle_d, c.num_stages, c.num_tma_multicast, int(c.multicast_on_a),
              c.smem_size, c.num_threads] for c in kernels]
@@ -621,8 +491,6 @@ def main(argv: list[str] | None = None) -> int:
         cutlass = fetch_cutlass(dg.get("cutlass_pin"), args.cutlass_dir, args.cutlass_git_dir,
                                 dg)
         nvcc = nvcc_path(args.nvcc)
-        nvcc_version = subprocess.run([nvcc, "--version"], capture_output=True,
-                                      text=True).stdout.strip().splitlines()[-1]
         gen.mkdir(parents=True, exist_ok=True)
         for stale in gen.glob("kernel_*.cu"):
             if int(stale.stem.split("_")[1]) >= len(kernels):
@@ -631,22 +499,18 @@ def main(argv: list[str] | None = None) -> int:
             write_if_changed(gen / f"kernel_{i:03d}.cu", kernel_source(i, c))
         write_if_changed(gen / "kernels.inc", table_source(kernels))
         short = {"deepgemm_commit": dg.get("commit"), "cutlass_commit": cutlass.get("commit"),
-                 "arch": "sm_90a", "nvcc": nvcc_version, "num_sms": list(args.num_sms_list),
+                 "arch": "sm_90a", "nvcc": nvcc_version(nvcc), "num_sms": list(args.num_sms_list),
                  "max_tokens": args.max_tokens, "kernels": len(kernels)}
         literal = json.dumps(json.dumps(short, separators=(",", ":")))
         write_if_changed(gen / "build_info.h", f"#define DGB_BUILD_INFO {literal}\n")
         objs, resources = compile_all(args, out, gen, kernels, dg, cutlass)
         lib = out / LIB_NAME
-        link(args, objs, lib)
+        link(nvcc, objs, lib, log)
         checks = check_library(lib, nvcc, kernels)
         spills = {i: r["spill_bytes"] for i, r in resources.items() if r.get("spill_bytes")}
         info = {
             **short,
-            "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"),
-            "library": str(lib.relative_to(ROOT)) if lib.is_relative_to(ROOT) else str(lib),
-            "size_bytes": lib.stat().st_size,
-            "sha256": sha256_file(lib),
+            **library_record(lib),
             "why_this_commit": (
                 "03d0be3 is the last DeepGEMM commit of the pure-Python JIT: the kernel "
                 "(deep_gemm/include/deep_gemm/fp8_gemm.cuh) is header-only and the JIT only "
@@ -668,8 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             "gemms": gemms,
             "kernel_table": [{"index": i, **c.to_json(), **resources.get(i, {})}
                              for i, c in enumerate(kernels)],
-            "ours": {str(f.relative_to(ROOT)): sha256_file(f)
-                     for f in sorted(HOST_DIR.iterdir()) if f.suffix in (".cu", ".cuh")},
+            "ours": sources_record(HOST_DIR),
             "checks": checks,
         }
         (out / "BUILD_INFO.json").write_text(json.dumps(info, indent=1) + "\n")

@@ -34,30 +34,35 @@ command and inputs did not change are reused).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import datetime
 import glob
-import hashlib
 import json
 import os
-import re
-import shlex
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vllm_cutlass_sources import (  # noqa: E402 - the script's own folder, put on the path above
+from cuda_shared_lib import (  # noqa: E402 - the script's own folder, put on the path above
+    BuildError,
+    Unit,
+    check_shared_library,
+    compile_units,
+    library_record,
+    link,
+    load_in_fresh_process,
+    nvcc_home,
+    nvcc_path,
+    nvcc_version,
+    sha256_file,
+    sources_record,
+)
+from vllm_cutlass_sources import (  # noqa: E402
     UNCHANGED,
     VLLM_DIR,
     VLLM_VERSION,
-    BuildError,
     fetch_cutlass,
     fetch_vllm,
     log,
-    sha256_file,
     vllm_cutlass_pin,
     write_excerpts,
 )
@@ -78,14 +83,7 @@ PRESET_CONFIGS = ("M4", "M64", "default")
 
 
 # ----------------------------------------------------------------------------------------------
-# Compile and link
-
-def nvcc_path(arg: str | None) -> str:
-    for c in (arg, os.environ.get("NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
-        if c and Path(c).exists():
-            return c
-    raise BuildError("nvcc not found (pass --nvcc)")
-
+# Compile
 
 def torch_include() -> Path:
     """torch's header-only includes (torch/headeronly, torch/csrc/stable): vLLM's headers
@@ -103,16 +101,6 @@ def torch_include() -> Path:
     raise BuildError("torch headers not found: set TORCH_INCLUDE_DIR")
 
 
-def nvcc_home(nvcc: str) -> Path:
-    """The CUDA toolkit folder of ``nvcc`` (it may be a wrapper script elsewhere)."""
-    real = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", "/dev/null"],
-                          capture_output=True, text=True).stderr
-    m = re.search(r"TOP=(\S+)", real)
-    if m:
-        return Path(m.group(1).strip('"'))
-    return Path(os.path.realpath(nvcc)).parent.parent
-
-
 def cublas_include(nvcc: str) -> Path | None:
     """vLLM's torch_utils.h includes <cublas_v2.h> (declarations only; nothing of cuBLAS is
     used or linked): the toolkit's, else the one of the nvidia-cublas wheel."""
@@ -122,13 +110,6 @@ def cublas_include(nvcc: str) -> Path | None:
         if (c / "cublas_v2.h").is_file():
             return c
     return None
-
-
-def _stamp(cmd: list[str], inputs: list[Path]) -> str:
-    h = hashlib.sha256(json.dumps(cmd).encode())
-    for p in inputs:
-        h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def compile_all(args, out: Path, gen: Path, cutlass: dict, configs: list[str]) -> list[Path]:
@@ -159,140 +140,43 @@ def compile_all(args, out: Path, gen: Path, cutlass: dict, configs: list[str]) -
              "-Xcompiler=-fPIC,-fvisibility=hidden,-ffunction-sections,-fdata-sections",
              "-Xcudafe", "--diag_suppress=177", "-Xcudafe", "--diag_suppress=550"]
     have = [f"-DVLLM_CUTLASS_HAVE_{c}=1" for c in configs]
-    tus: list[tuple[str, Path, list[str], list[Path]]] = []
+    common = [*flags, *includes]
+    tus: list[Unit] = []
     unit = {n: WRAPPER_DIR / f"{n}.cu" for n in ("gemm", "routing", "act", "quant")}
     for cfg in configs:
-        tus.append((f"gemm_{cfg}", unit["gemm"], [f"-DVLLM_CUTLASS_GEMM_CFG={cfg}"],
-                    [unit["gemm"], COMMON, gen / "sm90_configs.inc"]))
-    tus.append(("routing", unit["routing"], have,
-                [unit["routing"], COMMON, gen / "moe_data_kernels.inc",
-                 gen / "shuffle_rows_kernel.inc", gen / "build_info.h"]))
-    tus.append(("act", unit["act"], [],
-                [unit["act"], COMMON, gen / "activation_kernels_head.inc"]))
-    tus.append(("quant", unit["quant"], [],
-                [unit["quant"], COMMON, gen / "fp8_quant_kernels_head.inc"]))
+        tus.append(Unit(f"gemm_{cfg}", unit["gemm"], [*common, f"-DVLLM_CUTLASS_GEMM_CFG={cfg}"],
+                        [unit["gemm"], COMMON, gen / "sm90_configs.inc"]))
+    tus.append(Unit("routing", unit["routing"], [*common, *have],
+                    [unit["routing"], COMMON, gen / "moe_data_kernels.inc",
+                     gen / "shuffle_rows_kernel.inc", gen / "build_info.h"]))
+    tus.append(Unit("act", unit["act"], common,
+                    [unit["act"], COMMON, gen / "activation_kernels_head.inc"]))
+    tus.append(Unit("quant", unit["quant"], common,
+                    [unit["quant"], COMMON, gen / "fp8_quant_kernels_head.inc"]))
     permute_cu = csrc / "moe/permute_unpermute_kernels/moe_permute_unpermute_kernel.cu"
-    tus.append(("vllm_moe_permute_unpermute_kernel", permute_cu, [], [permute_cu]))
-
-    objdir = out / "obj"
-    logdir = out / "logs"
-    objdir.mkdir(parents=True, exist_ok=True)
-    logdir.mkdir(parents=True, exist_ok=True)
-
-    def build(tu):
-        name, src, defs, inputs = tu
-        obj = objdir / f"{name}.o"
-        cmd = [nvcc, *flags, *includes, *defs, "-x", "cu", "-c", str(src), "-o", str(obj)]
-        stamp = _stamp(cmd, inputs)
-        stamp_file = obj.with_suffix(".stamp")
-        if obj.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
-            return name, obj, 0.0, "reused"
-        if args.threads:
-            cmd.insert(1, f"--threads={args.threads}")
-        t0 = time.monotonic()
-        logf = logdir / f"{name}.log"
-        with open(logf, "w") as lf:
-            lf.write(shlex.join(cmd) + "\n\n")
-            lf.flush()
-            r = subprocess.run(cmd, stdout=lf, stderr=subprocess.STDOUT)
-        dt = time.monotonic() - t0
-        if r.returncode != 0:
-            tail = "".join(logf.read_text().splitlines(True)[-40:])
-            raise BuildError(f"{name}: nvcc failed (rc={r.returncode}, log {logf}):\n{tail}")
-        stamp_file.write_text(stamp)
-        return name, obj, dt, "compiled"
+    tus.append(Unit("vllm_moe_permute_unpermute_kernel", permute_cu, common, [permute_cu]))
 
     if args.only:
         wanted = set(args.only.split(","))
-        tus = [t for t in tus if t[0] in wanted]
+        tus = [t for t in tus if t.name in wanted]
     # slowest first so that the cores stay busy
-    order = sorted(tus, key=lambda t: 0 if t[0].startswith("gemm_") else 1)
-    objs: dict[str, Path] = {}
-    log(f"compiling {len(tus)} translation units with {args.jobs} jobs "
-        f"(logs in {logdir.relative_to(ROOT) if logdir.is_relative_to(ROOT) else logdir})")
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as ex:
-        futs = [ex.submit(build, tu) for tu in order]
-        for f in concurrent.futures.as_completed(futs):
-            name, obj, dt, how = f.result()
-            objs[name] = obj
-            log(f"  {name}: {how}" + (f" in {dt:.0f} s" if dt else ""))
-    return [objs[t[0]] for t in tus]
-
-
-def link(args, objs: list[Path], lib: Path) -> None:
-    nvcc = nvcc_path(args.nvcc)
-    tmp = lib.with_suffix(".so.tmp")
-    cmd = [nvcc, "-shared", "-gencode", "arch=compute_90a,code=sm_90a", "-cudart", "static",
-           "-o", str(tmp), *map(str, objs),
-           "-Xcompiler=-static-libstdc++,-static-libgcc",
-           "-Xlinker", "--exclude-libs,ALL", "-Xlinker", "-z,defs", "-Xlinker", "--gc-sections",
-           "-Xlinker", "-soname," + LIB_NAME]
-    log("linking: " + shlex.join(cmd))
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise BuildError(f"link failed:\n{r.stdout}\n{r.stderr}")
-    strip = shutil.which("strip")
-    if strip:
-        subprocess.run([strip, "--strip-unneeded", str(tmp)], check=True)
-    tmp.replace(lib)
+    order = sorted(tus, key=lambda t: 0 if t.name.startswith("gemm_") else 1)
+    done = compile_units(nvcc, order, out, args.jobs, log, args.threads)
+    return [done[t.name].obj for t in tus]
 
 
 # ----------------------------------------------------------------------------------------------
 # Checks
 
-def find_cuobjdump(nvcc: str) -> Path:
-    """cuobjdump beside nvcc, on PATH, or the copy Triton ships (a toolkit may lack it)."""
-    cands = [nvcc_home(nvcc) / "bin" / "cuobjdump",
-             Path(shutil.which("cuobjdump") or "/nonexistent")]
-    try:
-        import triton
-
-        cands.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
-    except ImportError:
-        pass
-    for c in cands:
-        if c.is_file():
-            return c
-    raise BuildError("cuobjdump not found (beside nvcc, on PATH, or in triton's backends)")
-
-
 def check_library(lib: Path, nvcc: str) -> dict:
-    res: dict = {}
-    nm = subprocess.run(["nm", "-D", "--undefined-only", str(lib)], capture_output=True,
-                        text=True).stdout
-    undefined = sorted({ln.split()[-1] for ln in nm.splitlines() if ln.strip()})
-    bad = [s for s in undefined if re.search(r"aoti_|torch|c10|_ZN3c10|_ZN5torch|cublas", s)]
-    if bad:
-        raise BuildError(f"{lib.name} references torch/cuBLAS symbols: {bad[:10]}")
-    glibc = sorted({m for s in undefined for m in re.findall(r"@GLIBC_([\d.]+)", s)},
-                   key=lambda v: tuple(map(int, v.split("."))))
-    res["max_glibc"] = glibc[-1] if glibc else None
-    needed = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True).stdout
-    res["needed"] = re.findall(r"\(NEEDED\).*\[(.*)\]", needed)
-    exported = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True,
-                              text=True).stdout
-    res["exports"] = sorted(ln.split()[-1] for ln in exported.splitlines()
-                            if " T " in ln and ln.split()[-1].startswith("vllm_cutlass_"))
-    cuobjdump = find_cuobjdump(nvcc)
-    elf = subprocess.run([str(cuobjdump), "-lelf", str(lib)], capture_output=True, text=True)
-    arches = sorted(set(re.findall(r"\.(sm_\w+)\.cubin", elf.stdout)))
-    res["cubin_arches"] = arches
-    res["cubins"] = len(re.findall(r"\.cubin", elf.stdout))
-    if arches != ["sm_90a"]:
-        raise BuildError(f"cuobjdump -lelf: expected sm_90a cubins only, got {arches}\n"
-                         f"{elf.stdout[-2000:]}{elf.stderr[-500:]}")
-    ptx = subprocess.run([str(cuobjdump), "-lptx", str(lib)], capture_output=True, text=True)
-    res["ptx_entries"] = len(re.findall(r"PTX file", ptx.stdout))
-    # load with ctypes in a fresh process (no GPU needed: cudart is static and initialises
-    # lazily, nothing calls the driver at load time)
+    """cuda_shared_lib's checks, then the ABI version and build info read through ctypes."""
+    res = check_shared_library(lib, nvcc, "vllm_cutlass_")
     code = ("import ctypes,sys; l=ctypes.CDLL(sys.argv[1]); "
             "l.vllm_cutlass_build_info.restype=ctypes.c_char_p; "
             "print(l.vllm_cutlass_abi_version()); print(l.vllm_cutlass_build_info().decode())")
-    r = subprocess.run([sys.executable, "-c", code, str(lib)], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise BuildError(f"ctypes could not load {lib}: {r.stderr[-2000:]}")
+    stdout = load_in_fresh_process(lib, code)
     res["ctypes_load"] = "ok"
-    res["abi_version"] = int(r.stdout.splitlines()[0])
+    res["abi_version"] = int(stdout.splitlines()[0])
     return res
 
 
@@ -341,34 +225,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.extract_only:
             return 0
         nvcc = nvcc_path(args.nvcc)
-        nvcc_version = subprocess.run([nvcc, "--version"], capture_output=True,
-                                      text=True).stdout.strip().splitlines()[-1]
         short = {"vllm": VLLM_VERSION, "cutlass_pinned": pin,
                  "cutlass_used": cutlass.get("tag") or cutlass["version"],
-                 "configs": configs, "arch": "sm_90a", "nvcc": nvcc_version}
+                 "configs": configs, "arch": "sm_90a", "nvcc": nvcc_version(nvcc)}
         literal = json.dumps(json.dumps(short, separators=(",", ":")))  # a C string literal
         (gen / "build_info.h").write_text(f"#define VLLM_CUTLASS_BUILD_INFO {literal}\n")
         objs = compile_all(args, out, gen, cutlass, configs)
         if args.only:
             return 0
         lib = out / LIB_NAME
-        link(args, objs, lib)
+        link(nvcc, objs, lib, log)
         checks = check_library(lib, nvcc)
         info = {
             **short,
-            "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"),
-            "library": str(lib.relative_to(ROOT)) if lib.is_relative_to(ROOT) else str(lib),
-            "size_bytes": lib.stat().st_size,
-            "sha256": sha256_file(lib),
+            **library_record(lib),
             "vllm_sources": vsrc,
             "cutlass": {k: v for k, v in cutlass.items() if k != "include"},
             "vllm_files_unchanged": [{"file": f"csrc/{f}",
                                       "sha256": sha256_file(VLLM_DIR / "csrc" / f)}
                                      for f in UNCHANGED],
             "vllm_excerpts_unchanged_text": excerpts,
-            "ours": {str(f.relative_to(ROOT)): sha256_file(f)
-                     for f in sorted(WRAPPER_DIR.iterdir()) if f.suffix in (".cu", ".cuh")},
+            "ours": sources_record(WRAPPER_DIR),
             "checks": checks,
         }
         (out / "BUILD_INFO.json").write_text(json.dumps(info, indent=1) + "\n")

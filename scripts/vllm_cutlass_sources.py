@@ -5,7 +5,6 @@ that also hold torch-facing host code (see that script's docstring for the steps
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import re
@@ -14,8 +13,9 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
+
+from cuda_shared_lib import BuildError, make_log, sha256_bytes, sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".build_cache"
@@ -48,22 +48,7 @@ UNCHANGED = [
     "quantization/w8a8/fp8/nvidia/quant_utils.cuh",
 ]
 
-
-
-class BuildError(RuntimeError):
-    pass
-
-
-def log(msg: str) -> None:
-    print(f"[build_vllm_cutlass {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def sha256_bytes(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
-
-
-def sha256_file(p: Path) -> str:
-    return sha256_bytes(p.read_bytes())
+log = make_log("build_vllm_cutlass")
 
 
 # ----------------------------------------------------------------------------------------------
