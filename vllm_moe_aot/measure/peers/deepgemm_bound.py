@@ -36,13 +36,13 @@ from __future__ import annotations
 import ctypes
 import json
 import math
-import os
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vllm_moe_aot.measure.peers import _ctypes_lib
 from vllm_moe_aot.shapes import WEIGHT_BLOCK, MoEShape, Scheme
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,7 +50,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from vllm_moe_aot.measure.workload import MoEProblem
 
-ROOT = Path(__file__).resolve().parents[3]
 ENV_LIB = "VLLM_MOE_AOT_DEEPGEMM_LIB"
 DEFAULT_LIB = Path("build") / "deepgemm" / "libdeepgemm_bound.so"
 BUILD_SCRIPT = "scripts/build_deepgemm.py"
@@ -271,8 +270,7 @@ class DeepGemmCallError(RuntimeError):
 def library_path() -> Path:
     """``$VLLM_MOE_AOT_DEEPGEMM_LIB``, else ``build/deepgemm/libdeepgemm_bound.so`` under the
     repository root (a relative ``$VLLM_MOE_AOT_DEEPGEMM_LIB`` is taken from there too)."""
-    p = Path(os.environ.get(ENV_LIB) or DEFAULT_LIB)
-    return p if p.is_absolute() else ROOT / p
+    return _ctypes_lib.library_path(ENV_LIB, DEFAULT_LIB)
 
 
 _P, _I32, _U32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32
@@ -297,27 +295,13 @@ class DeepGemmLibrary:
 
     def __init__(self, path: Path | str | None = None):
         self.path = Path(path) if path is not None else library_path()
-        if not self.path.is_file():
-            raise DeepGemmLibraryError(
-                f"DeepGEMM bound library not found at {self.path}: build it with "
-                f"`python3 {BUILD_SCRIPT}` (nvcc >= 12.3; DeepGEMM and CUTLASS sources from "
-                f"their git mirrors), or set {ENV_LIB} to a built libdeepgemm_bound.so")
-        try:
-            self._lib = ctypes.CDLL(str(self.path))
-        except OSError as exc:
-            raise DeepGemmLibraryError(f"cannot load {self.path}: {exc}; rebuild it with "
-                                       f"`python3 {BUILD_SCRIPT}`") from exc
-        try:
-            for name, (argtypes, restype) in _SIGNATURES.items():
-                fn = getattr(self._lib, name)
-                fn.argtypes, fn.restype = argtypes, restype
-        except AttributeError as exc:
-            raise DeepGemmLibraryError(f"{self.path} lacks an entry point ({exc}); rebuild it "
-                                       f"with `python3 {BUILD_SCRIPT}`") from exc
-        abi = self._lib.deepgemm_bound_abi_version()
-        if abi != ABI_VERSION:
-            raise DeepGemmLibraryError(f"{self.path} has ABI version {abi}, this module wants "
-                                       f"{ABI_VERSION}; rebuild it with `python3 {BUILD_SCRIPT}`")
+        self._lib = _ctypes_lib.load_library(
+            self.path, _SIGNATURES, abi_function="deepgemm_bound_abi_version",
+            abi_version=ABI_VERSION, error=DeepGemmLibraryError, build_script=BUILD_SCRIPT,
+            not_found=f"DeepGEMM bound library not found at {self.path}: build it with "
+                      f"`python3 {BUILD_SCRIPT}` (nvcc >= 12.3; DeepGEMM and CUTLASS sources "
+                      f"from their git mirrors), or set {ENV_LIB} to a built "
+                      "libdeepgemm_bound.so")
         self.build_info = json.loads(self._lib.deepgemm_bound_build_info().decode() or "{}")
         #: kernel config -> index in the library's table
         self.kernels: dict[KernelConfig, int] = {}
@@ -347,8 +331,9 @@ class DeepGemmLibrary:
     def call(self, name: str, *args) -> None:
         rc = getattr(self._lib, name)(*args)
         if rc != 0:
-            msg = (self._lib.deepgemm_bound_last_error() or b"").decode(errors="replace")
-            raise DeepGemmCallError(f"{name}: {STATUS.get(rc, rc)}: {msg}")
+            raise _ctypes_lib.status_error(self._lib, name, rc,
+                                           last_error="deepgemm_bound_last_error",
+                                           status=STATUS, error=DeepGemmCallError)
 
     def init(self) -> tuple[int, int, int]:
         """Initialise the CUDA runtime on the current device: (SM count, major, minor)."""

@@ -56,17 +56,16 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from vllm_moe_aot.measure.peers import _ctypes_lib
 from vllm_moe_aot.measure.workload import MoEProblem
 from vllm_moe_aot.shapes import Scheme
 
-ROOT = Path(__file__).resolve().parents[3]
 ENV_LIB = "VLLM_MOE_AOT_CUTLASS_LIB"
 DEFAULT_LIB = Path("build") / "vllm_cutlass" / "libvllm_cutlass_moe.so"
 BUILD_SCRIPT = "scripts/build_vllm_cutlass.py"
@@ -78,6 +77,7 @@ STATUS = {0: "ok", 1: "bad argument", 2: "CUDA error", 3: "CUTLASS error",
           4: "config not built", 5: "scratch too small", 6: "C++ exception"}
 
 _P, _I64, _I32, _SZ = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_size_t
+#: the entry points that return a status (int) -> their argtypes
 _SIGNATURES: dict[str, list] = {
     "vllm_cutlass_init": [_P],
     "vllm_cutlass_moe_mm_config": [_I64, _I64, _I64, _P, _P],
@@ -97,6 +97,13 @@ _SIGNATURES: dict[str, list] = {
     "vllm_cutlass_dynamic_per_token_scaled_fp8_quant": [_P, _P, _P, _P, _I64, _I64, _I64, _I64,
                                                         _P],
 }
+#: every entry point -> (argtypes, restype)
+_ENTRY_POINTS: dict[str, tuple[list, object]] = {
+    "vllm_cutlass_abi_version": ([], ctypes.c_int),
+    "vllm_cutlass_build_info": ([], ctypes.c_char_p),
+    "vllm_cutlass_last_error": ([], ctypes.c_char_p),
+    **{name: (argtypes, ctypes.c_int) for name, argtypes in _SIGNATURES.items()},
+}
 
 
 class CutlassLibraryError(RuntimeError):
@@ -110,8 +117,7 @@ class CutlassCallError(RuntimeError):
 def library_path() -> Path:
     """``$VLLM_MOE_AOT_CUTLASS_LIB``, else ``build/vllm_cutlass/libvllm_cutlass_moe.so`` under
     the repository root (a relative ``$VLLM_MOE_AOT_CUTLASS_LIB`` is taken from there too)."""
-    p = Path(os.environ.get(ENV_LIB) or DEFAULT_LIB)
-    return p if p.is_absolute() else ROOT / p
+    return _ctypes_lib.library_path(ENV_LIB, DEFAULT_LIB)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -124,32 +130,13 @@ class CutlassLibrary:
 
     def __init__(self, path: Path | str | None = None):
         self.path = Path(path) if path is not None else library_path()
-        if not self.path.is_file():
-            raise CutlassLibraryError(
-                f"vLLM CUTLASS MoE library not found at {self.path}: build it with "
-                f"`python3 {BUILD_SCRIPT}` (needs nvcc >= 12.3 and network access for vLLM's "
-                f"sources, or set {ENV_LIB} to a built libvllm_cutlass_moe.so)")
-        try:
-            self._lib = ctypes.CDLL(str(self.path))
-        except OSError as exc:
-            raise CutlassLibraryError(f"cannot load {self.path}: {exc}; rebuild it with "
-                                      f"`python3 {BUILD_SCRIPT}`") from exc
-        lib = self._lib
-        try:
-            lib.vllm_cutlass_abi_version.restype = ctypes.c_int
-            lib.vllm_cutlass_build_info.restype = ctypes.c_char_p
-            lib.vllm_cutlass_last_error.restype = ctypes.c_char_p
-            abi = lib.vllm_cutlass_abi_version()
-            for name, argtypes in _SIGNATURES.items():
-                fn = getattr(lib, name)
-                fn.argtypes, fn.restype = argtypes, ctypes.c_int
-        except AttributeError as exc:
-            raise CutlassLibraryError(f"{self.path} lacks an entry point ({exc}); rebuild it "
-                                      f"with `python3 {BUILD_SCRIPT}`") from exc
-        if abi != ABI_VERSION:
-            raise CutlassLibraryError(f"{self.path} has ABI version {abi}, this module wants "
-                                      f"{ABI_VERSION}; rebuild it with `python3 {BUILD_SCRIPT}`")
-        self.build_info = json.loads(lib.vllm_cutlass_build_info().decode() or "{}")
+        self._lib = _ctypes_lib.load_library(
+            self.path, _ENTRY_POINTS, abi_function="vllm_cutlass_abi_version",
+            abi_version=ABI_VERSION, error=CutlassLibraryError, build_script=BUILD_SCRIPT,
+            not_found=f"vLLM CUTLASS MoE library not found at {self.path}: build it with "
+                      f"`python3 {BUILD_SCRIPT}` (needs nvcc >= 12.3 and network access for "
+                      f"vLLM's sources, or set {ENV_LIB} to a built libvllm_cutlass_moe.so)")
+        self.build_info = json.loads(self._lib.vllm_cutlass_build_info().decode() or "{}")
 
     def __repr__(self) -> str:
         return f"CutlassLibrary({str(self.path)!r})"
@@ -157,8 +144,9 @@ class CutlassLibrary:
     def call(self, name: str, *args) -> None:
         rc = getattr(self._lib, name)(*args)
         if rc != 0:
-            msg = (self._lib.vllm_cutlass_last_error() or b"").decode(errors="replace")
-            raise CutlassCallError(f"{name}: {STATUS.get(rc, rc)}: {msg}")
+            raise _ctypes_lib.status_error(self._lib, name, rc,
+                                           last_error="vllm_cutlass_last_error",
+                                           status=STATUS, error=CutlassCallError)
 
     def init(self) -> int:
         """Initialise the CUDA runtime on the current device (eagerly, before any capture);
