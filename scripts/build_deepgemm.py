@@ -67,20 +67,8 @@ if str(ROOT) not in sys.path:
 if str(ROOT / "scripts") not in sys.path:
     sys.path.append(str(ROOT / "scripts"))
 
-from cuda_shared_lib import (  # noqa: E402 - after the path setup
-    BuildError,
-    Unit,
-    check_shared_library,
-    compile_units,
-    library_record,
-    link,
-    load_in_fresh_process,
-    make_log,
-    nvcc_path,
-    nvcc_version,
-    sha256_file,
-    sources_record,
-)
+import cuda_shared_lib  # noqa: E402 - after the path setup
+from cuda_shared_lib import BuildError  # noqa: E402
 
 from vllm_moe_aot.measure.peers.deepgemm_bound import (  # noqa: E402 - after the path setup
     DEEPGEMM_COMMIT,
@@ -117,7 +105,7 @@ DEEPGEMM_NVCC_FLAGS = [
     "-fvisibility=hidden",
 ]
 
-log = make_log("build_deepgemm")
+log = cuda_shared_lib.make_log("build_deepgemm")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,18 +363,20 @@ def compile_all(args, out: Path, gen: Path, kernels: list[KernelConfig], dg: dic
     kernel_inputs = _header_inputs(dg_inc / "deep_gemm")
     # CUTLASS's headers are identified by the commit (hashing 700 files per unit is slow)
     cutlass_id = cutlass.get("commit") or cutlass["include"]
-    tus: list[Unit] = []
+    tus: list[cuda_shared_lib.Unit] = []
     for i in range(len(kernels)):
         src = gen / f"kernel_{i:03d}.cu"
         cmd = [*DEEPGEMM_NVCC_FLAGS, f"-I{dg_inc}", f"-I{cl_inc}", f"-DDGB_CUTLASS={cutlass_id}"]
-        tus.append(Unit(f"kernel_{i:03d}", src, cmd, [src, *kernel_inputs]))
+        tus.append(cuda_shared_lib.Unit(f"kernel_{i:03d}", src, cmd, [src, *kernel_inputs]))
     host = HOST_DIR / "host.cu"
     host_cmd = ["-std=c++17", "-O2", "-gencode=arch=compute_90a,code=sm_90a", f"-I{gen}",
                 f"-I{HOST_DIR}", "--compiler-options=-fPIC,-fvisibility=hidden"]
-    tus.append(Unit("host", host, host_cmd, [host, HOST_DIR / "kernels.cuh", gen / "kernels.inc",
-                                             gen / "build_info.h"]))
-    done = compile_units(nvcc_path(args.nvcc), tus, out, args.jobs, log, args.threads,
-                         what=f"{len(tus)} translation units ({len(kernels)} kernels + host)")
+    tus.append(cuda_shared_lib.Unit("host", host, host_cmd,
+                                    [host, HOST_DIR / "kernels.cuh", gen / "kernels.inc",
+                                     gen / "build_info.h"]))
+    done = cuda_shared_lib.compile_units(
+        cuda_shared_lib.nvcc_path(args.nvcc), tus, out, args.jobs, log, args.threads,
+        what=f"{len(tus)} translation units ({len(kernels)} kernels + host)")
     resources = {int(c.name.split("_")[1]): _ptxas_resources(c.log.read_text())
                  for c in done.values() if c.name.startswith("kernel_") and c.log.is_file()}
     return [done[t.name].obj for t in tus], resources
@@ -408,8 +398,8 @@ print(json.dumps({"abi": l.deepgemm_bound_abi_version(), "descs": descs,
 
 def check_library(lib: Path, nvcc: str, kernels: list[KernelConfig]) -> dict:
     """cuda_shared_lib's checks, then the kernel table the library reports is the plan's."""
-    res = check_shared_library(lib, nvcc, "deepgemm_bound_")
-    got = json.loads(load_in_fresh_process(lib, _LOAD_CHECK))
+    res = cuda_shared_lib.check_shared_library(lib, nvcc, "deepgemm_bound_")
+    got = json.loads(cuda_shared_lib.load_in_fresh_process(lib, _LOAD_CHECK))
     want = [[c.n, c.k, c.num_groups, c.block_m, c.block_n, c.block_k, c.block_n_padding,
              c.swizzle_d, c.num_stages, c.num_tma_multicast, int(c.multicast_on_a),
              c.smem_size, c.num_threads] for c in kernels]
@@ -427,10 +417,7 @@ def check_library(lib: Path, nvcc: str, kernels: list[KernelConfig]) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (build/deepgemm)")
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                    help="translation units compiled in parallel (default: CPU count)")
-    ap.add_argument("--threads", type=int, default=0, help="nvcc --threads per unit (0: off)")
+    cuda_shared_lib.add_build_options(ap, DEFAULT_OUT)
     ap.add_argument("--shape", action="append", default=[], metavar="E,K,N[,topk]",
                     help="another block-FP8 layer (per rank; topk default "
                          f"{DEFAULT_TOPK}); repeatable")
@@ -447,7 +434,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--deepgemm-git-dir", help="a bare DeepGEMM clone (also $DEEPGEMM_GIT_DIR)")
     ap.add_argument("--cutlass-dir", help="a CUTLASS checkout instead of DeepGEMM's pin")
     ap.add_argument("--cutlass-git-dir", help="a bare CUTLASS clone (also $CUTLASS_GIT_DIR)")
-    ap.add_argument("--nvcc", help="nvcc to use (default: $NVCC, then PATH)")
     ap.add_argument("--list", action="store_true",
                     help="print the layers, GEMMs and kernels that would be built; build nothing")
     args = ap.parse_args(argv)
@@ -467,6 +453,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@cuda_shared_lib.reports_build_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     layers = planned_layers(args.shapes, presets=not args.no_presets)
@@ -486,64 +473,59 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(args.out).resolve()
     gen = out / "gen"
-    try:
-        dg = fetch_deepgemm(args.commit, args.deepgemm_dir, args.deepgemm_git_dir)
-        cutlass = fetch_cutlass(dg.get("cutlass_pin"), args.cutlass_dir, args.cutlass_git_dir,
-                                dg)
-        nvcc = nvcc_path(args.nvcc)
-        gen.mkdir(parents=True, exist_ok=True)
-        for stale in gen.glob("kernel_*.cu"):
-            if int(stale.stem.split("_")[1]) >= len(kernels):
-                stale.unlink()
-        for i, c in enumerate(kernels):
-            write_if_changed(gen / f"kernel_{i:03d}.cu", kernel_source(i, c))
-        write_if_changed(gen / "kernels.inc", table_source(kernels))
-        short = {"deepgemm_commit": dg.get("commit"), "cutlass_commit": cutlass.get("commit"),
-                 "arch": "sm_90a", "nvcc": nvcc_version(nvcc), "num_sms": list(args.num_sms_list),
-                 "max_tokens": args.max_tokens, "kernels": len(kernels)}
-        literal = json.dumps(json.dumps(short, separators=(",", ":")))
-        write_if_changed(gen / "build_info.h", f"#define DGB_BUILD_INFO {literal}\n")
-        objs, resources = compile_all(args, out, gen, kernels, dg, cutlass)
-        lib = out / LIB_NAME
-        link(nvcc, objs, lib, log)
-        checks = check_library(lib, nvcc, kernels)
-        spills = {i: r["spill_bytes"] for i, r in resources.items() if r.get("spill_bytes")}
-        info = {
-            **short,
-            **library_record(lib),
-            "why_this_commit": (
-                "03d0be3 is the last DeepGEMM commit of the pure-Python JIT: the kernel "
-                "(deep_gemm/include/deep_gemm/fp8_gemm.cuh) is header-only and the JIT only "
-                "picks template arguments (jit_kernels/gemm.py:get_best_configs, ported to "
-                "vllm_moe_aot/measure/peers/deepgemm_bound.py) and instantiates it; from "
-                "9da4a23 on the JIT, heuristics and host code are a torch C++ extension. Its "
-                "SASS FFMA-interleave pass runs for nvcc <= 12.8 only, so with nvcc 13 nothing "
-                "is post-processed."),
-            "heuristic": ("DeepGEMM's get_best_configs(m, n, k, 1, num_sms, "
-                          "is_grouped_contiguous=True) evaluated for every m = 128, 256, ... up "
-                          "to each GEMM's max_rows; the union of its picks is built"),
-            "deepgemm": {k: v for k, v in dg.items() if k != "include"},
-            "cutlass": {k: v for k, v in cutlass.items() if k != "include"},
-            "deepgemm_headers": {str(p.relative_to(Path(dg["include"]))): sha256_file(p)
-                                 for p in _header_inputs(Path(dg["include"]) / "deep_gemm")},
-            "nvcc_flags": DEEPGEMM_NVCC_FLAGS,
-            "layers": [{"name": n, "E": s.E, "K": s.K, "N": s.N, "topk": s.topk, "ep": s.ep}
-                       for n, s in layers],
-            "gemms": gemms,
-            "kernel_table": [{"index": i, **c.to_json(), **resources.get(i, {})}
-                             for i, c in enumerate(kernels)],
-            "ours": sources_record(HOST_DIR),
-            "checks": checks,
-        }
-        (out / "BUILD_INFO.json").write_text(json.dumps(info, indent=1) + "\n")
-        log(f"built {lib} ({lib.stat().st_size / 2**20:.2f} MiB): {checks['cubins']} sm_90a "
-            f"cubins, {checks['kernels']} kernels, exports {len(checks['exports'])} functions, "
-            f"needs {checks['needed']}, GLIBC <= {checks['max_glibc']}; ctypes load ok"
-            + (f"; register spills in kernels {sorted(spills)}" if spills else "; no spills"))
-        return 0
-    except BuildError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    dg = fetch_deepgemm(args.commit, args.deepgemm_dir, args.deepgemm_git_dir)
+    cutlass = fetch_cutlass(dg.get("cutlass_pin"), args.cutlass_dir, args.cutlass_git_dir,
+                            dg)
+    nvcc = cuda_shared_lib.nvcc_path(args.nvcc)
+    gen.mkdir(parents=True, exist_ok=True)
+    for stale in gen.glob("kernel_*.cu"):
+        if int(stale.stem.split("_")[1]) >= len(kernels):
+            stale.unlink()
+    for i, c in enumerate(kernels):
+        write_if_changed(gen / f"kernel_{i:03d}.cu", kernel_source(i, c))
+    write_if_changed(gen / "kernels.inc", table_source(kernels))
+    short = {"deepgemm_commit": dg.get("commit"), "cutlass_commit": cutlass.get("commit"),
+             "arch": "sm_90a", "nvcc": cuda_shared_lib.nvcc_version(nvcc),
+             "num_sms": list(args.num_sms_list), "max_tokens": args.max_tokens,
+             "kernels": len(kernels)}
+    literal = json.dumps(json.dumps(short, separators=(",", ":")))
+    write_if_changed(gen / "build_info.h", f"#define DGB_BUILD_INFO {literal}\n")
+    objs, resources = compile_all(args, out, gen, kernels, dg, cutlass)
+    lib = out / LIB_NAME
+    cuda_shared_lib.link(nvcc, objs, lib, log)
+    checks = check_library(lib, nvcc, kernels)
+    spills = {i: r["spill_bytes"] for i, r in resources.items() if r.get("spill_bytes")}
+    info = {
+        **short,
+        **cuda_shared_lib.library_record(lib),
+        "why_this_commit": (
+            "03d0be3 is the last DeepGEMM commit of the pure-Python JIT: the kernel "
+            "(deep_gemm/include/deep_gemm/fp8_gemm.cuh) is header-only and the JIT only "
+            "picks template arguments (jit_kernels/gemm.py:get_best_configs, ported to "
+            "vllm_moe_aot/measure/peers/deepgemm_bound.py) and instantiates it; from "
+            "9da4a23 on the JIT, heuristics and host code are a torch C++ extension. Its "
+            "SASS FFMA-interleave pass runs for nvcc <= 12.8 only, so with nvcc 13 nothing "
+            "is post-processed."),
+        "heuristic": ("DeepGEMM's get_best_configs(m, n, k, 1, num_sms, "
+                      "is_grouped_contiguous=True) evaluated for every m = 128, 256, ... up "
+                      "to each GEMM's max_rows; the union of its picks is built"),
+        "deepgemm": {k: v for k, v in dg.items() if k != "include"},
+        "cutlass": {k: v for k, v in cutlass.items() if k != "include"},
+        "deepgemm_headers": {str(p.relative_to(Path(dg["include"]))): cuda_shared_lib.sha256_file(p)
+                             for p in _header_inputs(Path(dg["include"]) / "deep_gemm")},
+        "nvcc_flags": DEEPGEMM_NVCC_FLAGS,
+        "layers": [{"name": n, "E": s.E, "K": s.K, "N": s.N, "topk": s.topk, "ep": s.ep}
+                   for n, s in layers],
+        "gemms": gemms,
+        "kernel_table": [{"index": i, **c.to_json(), **resources.get(i, {})}
+                         for i, c in enumerate(kernels)],
+        "ours": cuda_shared_lib.sources_record(HOST_DIR),
+        "checks": checks,
+    }
+    cuda_shared_lib.write_build_info(out, lib, info, log, counts=[f"{checks['kernels']} kernels"],
+                     note=f"; register spills in kernels {sorted(spills)}" if spills
+                     else "; no spills")
+    return 0
 
 
 if __name__ == "__main__":

@@ -42,20 +42,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuda_shared_lib import (  # noqa: E402 - the script's own folder, put on the path above
-    BuildError,
-    Unit,
-    check_shared_library,
-    compile_units,
-    library_record,
-    link,
-    load_in_fresh_process,
-    nvcc_home,
-    nvcc_path,
-    nvcc_version,
-    sha256_file,
-    sources_record,
-)
+import cuda_shared_lib  # noqa: E402 - the script's own folder, put on the path above
+from cuda_shared_lib import BuildError  # noqa: E402
 from vllm_cutlass_sources import (  # noqa: E402
     UNCHANGED,
     VLLM_DIR,
@@ -104,7 +92,7 @@ def torch_include() -> Path:
 def cublas_include(nvcc: str) -> Path | None:
     """vLLM's torch_utils.h includes <cublas_v2.h> (declarations only; nothing of cuBLAS is
     used or linked): the toolkit's, else the one of the nvidia-cublas wheel."""
-    home = nvcc_home(nvcc)
+    home = cuda_shared_lib.nvcc_home(nvcc)
     for c in [home / "include", *map(Path, glob.glob(
             str(ROOT / ".venv/lib/python3*/site-packages/nvidia/cu*/include")))]:
         if (c / "cublas_v2.h").is_file():
@@ -113,7 +101,7 @@ def cublas_include(nvcc: str) -> Path | None:
 
 
 def compile_all(args, out: Path, gen: Path, cutlass: dict, configs: list[str]) -> list[Path]:
-    nvcc = nvcc_path(args.nvcc)
+    nvcc = cuda_shared_lib.nvcc_path(args.nvcc)
     csrc = VLLM_DIR / "csrc"
     includes = [
         f"-I{gen}", f"-I{csrc}", f"-I{csrc / 'quantization/w8a8/cutlass/moe'}",
@@ -121,7 +109,7 @@ def compile_all(args, out: Path, gen: Path, cutlass: dict, configs: list[str]) -
         f"-I{torch_include()}",
     ]
     cub = cublas_include(nvcc)
-    if cub is not None and cub != Path(nvcc_home(nvcc)) / "include":
+    if cub is not None and cub != Path(cuda_shared_lib.nvcc_home(nvcc)) / "include":
         # only the cuBLAS headers, so that no other header of that folder shadows the toolkit's
         shim = out / "cublas_include"
         shutil.rmtree(shim, ignore_errors=True)
@@ -141,27 +129,29 @@ def compile_all(args, out: Path, gen: Path, cutlass: dict, configs: list[str]) -
              "-Xcudafe", "--diag_suppress=177", "-Xcudafe", "--diag_suppress=550"]
     have = [f"-DVLLM_CUTLASS_HAVE_{c}=1" for c in configs]
     common = [*flags, *includes]
-    tus: list[Unit] = []
+    tus: list[cuda_shared_lib.Unit] = []
     unit = {n: WRAPPER_DIR / f"{n}.cu" for n in ("gemm", "routing", "act", "quant")}
     for cfg in configs:
-        tus.append(Unit(f"gemm_{cfg}", unit["gemm"], [*common, f"-DVLLM_CUTLASS_GEMM_CFG={cfg}"],
-                        [unit["gemm"], COMMON, gen / "sm90_configs.inc"]))
-    tus.append(Unit("routing", unit["routing"], [*common, *have],
-                    [unit["routing"], COMMON, gen / "moe_data_kernels.inc",
-                     gen / "shuffle_rows_kernel.inc", gen / "build_info.h"]))
-    tus.append(Unit("act", unit["act"], common,
-                    [unit["act"], COMMON, gen / "activation_kernels_head.inc"]))
-    tus.append(Unit("quant", unit["quant"], common,
-                    [unit["quant"], COMMON, gen / "fp8_quant_kernels_head.inc"]))
+        tus.append(cuda_shared_lib.Unit(f"gemm_{cfg}", unit["gemm"],
+                                        [*common, f"-DVLLM_CUTLASS_GEMM_CFG={cfg}"],
+                                        [unit["gemm"], COMMON, gen / "sm90_configs.inc"]))
+    tus.append(cuda_shared_lib.Unit("routing", unit["routing"], [*common, *have],
+                                    [unit["routing"], COMMON, gen / "moe_data_kernels.inc",
+                                     gen / "shuffle_rows_kernel.inc", gen / "build_info.h"]))
+    tus.append(cuda_shared_lib.Unit("act", unit["act"], common,
+                                    [unit["act"], COMMON, gen / "activation_kernels_head.inc"]))
+    tus.append(cuda_shared_lib.Unit("quant", unit["quant"], common,
+                                    [unit["quant"], COMMON, gen / "fp8_quant_kernels_head.inc"]))
     permute_cu = csrc / "moe/permute_unpermute_kernels/moe_permute_unpermute_kernel.cu"
-    tus.append(Unit("vllm_moe_permute_unpermute_kernel", permute_cu, common, [permute_cu]))
+    tus.append(cuda_shared_lib.Unit("vllm_moe_permute_unpermute_kernel", permute_cu, common,
+                                    [permute_cu]))
 
     if args.only:
         wanted = set(args.only.split(","))
         tus = [t for t in tus if t.name in wanted]
     # slowest first so that the cores stay busy
     order = sorted(tus, key=lambda t: 0 if t.name.startswith("gemm_") else 1)
-    done = compile_units(nvcc, order, out, args.jobs, log, args.threads)
+    done = cuda_shared_lib.compile_units(nvcc, order, out, args.jobs, log, args.threads)
     return [done[t.name].obj for t in tus]
 
 
@@ -170,23 +160,21 @@ def compile_all(args, out: Path, gen: Path, cutlass: dict, configs: list[str]) -
 
 def check_library(lib: Path, nvcc: str) -> dict:
     """cuda_shared_lib's checks, then the ABI version and build info read through ctypes."""
-    res = check_shared_library(lib, nvcc, "vllm_cutlass_")
+    res = cuda_shared_lib.check_shared_library(lib, nvcc, "vllm_cutlass_")
     code = ("import ctypes,sys; l=ctypes.CDLL(sys.argv[1]); "
             "l.vllm_cutlass_build_info.restype=ctypes.c_char_p; "
             "print(l.vllm_cutlass_abi_version()); print(l.vllm_cutlass_build_info().decode())")
-    stdout = load_in_fresh_process(lib, code)
+    stdout = cuda_shared_lib.load_in_fresh_process(lib, code)
     res["ctypes_load"] = "ok"
     res["abi_version"] = int(stdout.splitlines()[0])
     return res
 
 
+@cuda_shared_lib.reports_build_errors
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (build/vllm_cutlass)")
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                    help="translation units compiled in parallel (default: CPU count)")
-    ap.add_argument("--threads", type=int, default=0, help="nvcc --threads per unit (0: off)")
+    cuda_shared_lib.add_build_options(ap, DEFAULT_OUT)
     ap.add_argument("--configs", default="vllm-presets",
                     help="sm90 tile configs to build: 'vllm-presets' (M4,M64,default: all vLLM "
                          "picks for n, k < 8192), 'all', or a comma list of "
@@ -196,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cutlass-git-dir", help="a bare CUTLASS clone to `git archive` from")
     ap.add_argument("--strict-cutlass", action="store_true",
                     help="refuse a CUTLASS tag other than vLLM's pin")
-    ap.add_argument("--nvcc", help="nvcc to use (default: $NVCC, then PATH)")
     ap.add_argument("--only", help="compile only these translation units (comma list, e.g. "
                     "routing,act,quant,gemm_M4) and stop before linking (development)")
     ap.add_argument("--extract-only", action="store_true",
@@ -213,49 +200,42 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown configs {sorted(unknown)}; valid: {', '.join(ALL_CONFIGS)}")
     out = Path(args.out).resolve()
     gen = out / "gen"
-    try:
-        vsrc = fetch_vllm(args.vllm_sdist)
-        pin = vllm_cutlass_pin()
-        cutlass = fetch_cutlass(pin, args.cutlass_dir, args.cutlass_git_dir,
-                                args.strict_cutlass)
-        log(f"CUTLASS: vLLM pins {pin}; using {cutlass.get('tag') or cutlass['source']} "
-            f"(version.h {cutlass['version']})")
-        excerpts = write_excerpts(gen)
-        log(f"excerpts written to {gen}")
-        if args.extract_only:
-            return 0
-        nvcc = nvcc_path(args.nvcc)
-        short = {"vllm": VLLM_VERSION, "cutlass_pinned": pin,
-                 "cutlass_used": cutlass.get("tag") or cutlass["version"],
-                 "configs": configs, "arch": "sm_90a", "nvcc": nvcc_version(nvcc)}
-        literal = json.dumps(json.dumps(short, separators=(",", ":")))  # a C string literal
-        (gen / "build_info.h").write_text(f"#define VLLM_CUTLASS_BUILD_INFO {literal}\n")
-        objs = compile_all(args, out, gen, cutlass, configs)
-        if args.only:
-            return 0
-        lib = out / LIB_NAME
-        link(nvcc, objs, lib, log)
-        checks = check_library(lib, nvcc)
-        info = {
-            **short,
-            **library_record(lib),
-            "vllm_sources": vsrc,
-            "cutlass": {k: v for k, v in cutlass.items() if k != "include"},
-            "vllm_files_unchanged": [{"file": f"csrc/{f}",
-                                      "sha256": sha256_file(VLLM_DIR / "csrc" / f)}
-                                     for f in UNCHANGED],
-            "vllm_excerpts_unchanged_text": excerpts,
-            "ours": sources_record(WRAPPER_DIR),
-            "checks": checks,
-        }
-        (out / "BUILD_INFO.json").write_text(json.dumps(info, indent=1) + "\n")
-        log(f"built {lib} ({lib.stat().st_size / 2**20:.2f} MiB): {checks['cubins']} sm_90a "
-            f"cubins, exports {len(checks['exports'])} functions, needs {checks['needed']}, "
-            f"GLIBC <= {checks['max_glibc']}; ctypes load ok")
+    vsrc = fetch_vllm(args.vllm_sdist)
+    pin = vllm_cutlass_pin()
+    cutlass = fetch_cutlass(pin, args.cutlass_dir, args.cutlass_git_dir,
+                            args.strict_cutlass)
+    log(f"CUTLASS: vLLM pins {pin}; using {cutlass.get('tag') or cutlass['source']} "
+        f"(version.h {cutlass['version']})")
+    excerpts = write_excerpts(gen)
+    log(f"excerpts written to {gen}")
+    if args.extract_only:
         return 0
-    except BuildError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    nvcc = cuda_shared_lib.nvcc_path(args.nvcc)
+    short = {"vllm": VLLM_VERSION, "cutlass_pinned": pin,
+             "cutlass_used": cutlass.get("tag") or cutlass["version"],
+             "configs": configs, "arch": "sm_90a", "nvcc": cuda_shared_lib.nvcc_version(nvcc)}
+    literal = json.dumps(json.dumps(short, separators=(",", ":")))  # a C string literal
+    (gen / "build_info.h").write_text(f"#define VLLM_CUTLASS_BUILD_INFO {literal}\n")
+    objs = compile_all(args, out, gen, cutlass, configs)
+    if args.only:
+        return 0
+    lib = out / LIB_NAME
+    cuda_shared_lib.link(nvcc, objs, lib, log)
+    checks = check_library(lib, nvcc)
+    info = {
+        **short,
+        **cuda_shared_lib.library_record(lib),
+        "vllm_sources": vsrc,
+        "cutlass": {k: v for k, v in cutlass.items() if k != "include"},
+        "vllm_files_unchanged": [{"file": f"csrc/{f}",
+                                  "sha256": cuda_shared_lib.sha256_file(VLLM_DIR / "csrc" / f)}
+                                 for f in UNCHANGED],
+        "vllm_excerpts_unchanged_text": excerpts,
+        "ours": cuda_shared_lib.sources_record(WRAPPER_DIR),
+        "checks": checks,
+    }
+    cuda_shared_lib.write_build_info(out, lib, info, log)
+    return 0
 
 
 if __name__ == "__main__":

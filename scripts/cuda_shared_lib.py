@@ -11,8 +11,10 @@ flags, the ctypes probe of their ABI) stays in the scripts.
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -22,9 +24,11 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, ParamSpec
+
+_P = ParamSpec("_P")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +49,31 @@ def make_log(tag: str) -> Callable[[str], None]:
         print(f"[{tag} {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     return log
+
+
+def reports_build_errors(main: Callable[_P, int]) -> Callable[_P, int]:
+    """``main`` printing ``error: <message>`` to stderr and returning 1 on a :class:`BuildError`
+    (a failed step says what failed; no traceback)."""
+
+    @functools.wraps(main)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except BuildError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+
+    return wrapper
+
+
+def add_build_options(ap: argparse.ArgumentParser, default_out: Path) -> None:
+    """The options both builds take: ``--out``, ``--jobs``, ``--threads``, ``--nvcc``."""
+    rel = default_out.relative_to(ROOT) if default_out.is_relative_to(ROOT) else default_out
+    ap.add_argument("--out", default=str(default_out), help=f"output folder ({rel})")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="translation units compiled in parallel (default: CPU count)")
+    ap.add_argument("--threads", type=int, default=0, help="nvcc --threads per unit (0: off)")
+    ap.add_argument("--nvcc", help="nvcc to use (default: $NVCC, then PATH)")
 
 
 def sha256_bytes(b: bytes) -> str:
@@ -272,3 +301,15 @@ def sources_record(folder: Path) -> dict[str, str]:
     """sha256 of our own CUDA sources (``*.cu``, ``*.cuh`` in ``folder``), by repository path."""
     return {str(f.relative_to(ROOT)): sha256_file(f)
             for f in sorted(folder.iterdir()) if f.suffix in (".cu", ".cuh")}
+
+
+def write_build_info(out: Path, lib: Path, info: dict, log: Callable[[str], None],
+                     counts: Sequence[str] = (), note: str = "") -> None:
+    """``out/BUILD_INFO.json`` written, and a line logged summing up the library and its
+    ``info["checks"]`` (``counts`` after the cubins', ``note`` at the end)."""
+    (out / "BUILD_INFO.json").write_text(json.dumps(info, indent=1) + "\n")
+    checks = info["checks"]
+    log(f"built {lib} ({lib.stat().st_size / 2**20:.2f} MiB): "
+        + ", ".join([f"{checks['cubins']} sm_90a cubins", *counts,
+                     f"exports {len(checks['exports'])} functions", f"needs {checks['needed']}",
+                     f"GLIBC <= {checks['max_glibc']}; ctypes load ok{note}"]))
