@@ -34,7 +34,6 @@ This module imports torch only where it runs kernels: the build script imports t
 from __future__ import annotations
 
 import ctypes
-import json
 import math
 import weakref
 from collections.abc import Callable, Iterable
@@ -289,20 +288,19 @@ _SIGNATURES: dict[str, tuple[list, object]] = {
 }
 
 
-class DeepGemmLibrary:
+class DeepGemmLibrary(_ctypes_lib.CtypesLibrary):
     """The loaded ``libdeepgemm_bound.so``: its kernel table and typed entry points that raise
     :class:`DeepGemmCallError` (with the library's message) on a nonzero status."""
 
+    prefix, env_lib, default_lib = "deepgemm_bound_", ENV_LIB, DEFAULT_LIB
+    not_found = (f"DeepGEMM bound library not found at {{path}}: build it with `python3 "
+                 f"{BUILD_SCRIPT}` (nvcc >= 12.3; DeepGEMM and CUTLASS sources from their git "
+                 f"mirrors), or set {ENV_LIB} to a built libdeepgemm_bound.so")
+    abi_version, build_script, signatures, status = ABI_VERSION, BUILD_SCRIPT, _SIGNATURES, STATUS
+    library_error, call_error = DeepGemmLibraryError, DeepGemmCallError
+
     def __init__(self, path: Path | str | None = None):
-        self.path = Path(path) if path is not None else library_path()
-        self._lib = _ctypes_lib.load_library(
-            self.path, _SIGNATURES, abi_function="deepgemm_bound_abi_version",
-            abi_version=ABI_VERSION, error=DeepGemmLibraryError, build_script=BUILD_SCRIPT,
-            not_found=f"DeepGEMM bound library not found at {self.path}: build it with "
-                      f"`python3 {BUILD_SCRIPT}` (nvcc >= 12.3; DeepGEMM and CUTLASS sources "
-                      f"from their git mirrors), or set {ENV_LIB} to a built "
-                      "libdeepgemm_bound.so")
-        self.build_info = json.loads(self._lib.deepgemm_bound_build_info().decode() or "{}")
+        super().__init__(path)
         #: kernel config -> index in the library's table
         self.kernels: dict[KernelConfig, int] = {}
         buf = (ctypes.c_int64 * len(_DESC_FIELDS))()
@@ -327,13 +325,6 @@ class DeepGemmLibrary:
     @property
     def num_sms_built(self) -> list[int]:
         return list(self.build_info.get("num_sms", []))
-
-    def call(self, name: str, *args) -> None:
-        rc = getattr(self._lib, name)(*args)
-        if rc != 0:
-            raise _ctypes_lib.status_error(self._lib, name, rc,
-                                           last_error="deepgemm_bound_last_error",
-                                           status=STATUS, error=DeepGemmCallError)
 
     def init(self) -> tuple[int, int, int]:
         """Initialise the CUDA runtime on the current device: (SM count, major, minor)."""
@@ -376,15 +367,9 @@ class DeepGemmLibrary:
         self._lib.deepgemm_bound_plan_destroy(plan)
 
 
-_LIBRARIES: dict[Path, DeepGemmLibrary] = {}
-
-
 def load_library(path: Path | str | None = None) -> DeepGemmLibrary:
     """The library at ``path`` (default :func:`library_path`), loaded once per process."""
-    p = Path(path) if path is not None else library_path()
-    if p not in _LIBRARIES:
-        _LIBRARIES[p] = DeepGemmLibrary(p)
-    return _LIBRARIES[p]
+    return DeepGemmLibrary.loaded(path)
 
 
 def unavailable_reason(scheme: Scheme | str | None = None, shape: MoEShape | None = None,

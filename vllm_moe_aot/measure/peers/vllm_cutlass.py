@@ -55,7 +55,6 @@ capturable after one eager call.
 from __future__ import annotations
 
 import ctypes
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,29 +123,19 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-class CutlassLibrary:
+class CutlassLibrary(_ctypes_lib.CtypesLibrary):
     """The loaded ``libvllm_cutlass_moe.so``: typed ctypes entry points that raise
     :class:`CutlassCallError` (with the library's message) on a nonzero status."""
 
-    def __init__(self, path: Path | str | None = None):
-        self.path = Path(path) if path is not None else library_path()
-        self._lib = _ctypes_lib.load_library(
-            self.path, _ENTRY_POINTS, abi_function="vllm_cutlass_abi_version",
-            abi_version=ABI_VERSION, error=CutlassLibraryError, build_script=BUILD_SCRIPT,
-            not_found=f"vLLM CUTLASS MoE library not found at {self.path}: build it with "
-                      f"`python3 {BUILD_SCRIPT}` (needs nvcc >= 12.3 and network access for "
-                      f"vLLM's sources, or set {ENV_LIB} to a built libvllm_cutlass_moe.so)")
-        self.build_info = json.loads(self._lib.vllm_cutlass_build_info().decode() or "{}")
+    prefix, env_lib, default_lib = "vllm_cutlass_", ENV_LIB, DEFAULT_LIB
+    not_found = (f"vLLM CUTLASS MoE library not found at {{path}}: build it with `python3 "
+                 f"{BUILD_SCRIPT}` (needs nvcc >= 12.3 and network access for vLLM's sources, "
+                 f"or set {ENV_LIB} to a built libvllm_cutlass_moe.so)")
+    abi_version, build_script, signatures = ABI_VERSION, BUILD_SCRIPT, _ENTRY_POINTS
+    status, library_error, call_error = STATUS, CutlassLibraryError, CutlassCallError
 
     def __repr__(self) -> str:
         return f"CutlassLibrary({str(self.path)!r})"
-
-    def call(self, name: str, *args) -> None:
-        rc = getattr(self._lib, name)(*args)
-        if rc != 0:
-            raise _ctypes_lib.status_error(self._lib, name, rc,
-                                           last_error="vllm_cutlass_last_error",
-                                           status=STATUS, error=CutlassCallError)
 
     def init(self) -> int:
         """Initialise the CUDA runtime on the current device (eagerly, before any capture);
@@ -206,15 +195,9 @@ def _stream(stream: int | None) -> int:
     return torch.cuda.current_stream().cuda_stream if stream is None else stream
 
 
-_LIBRARIES: dict[Path, CutlassLibrary] = {}
-
-
 def load_library(path: Path | str | None = None) -> CutlassLibrary:
     """The library at ``path`` (default :func:`library_path`), loaded once per process."""
-    p = Path(path) if path is not None else library_path()
-    if p not in _LIBRARIES:
-        _LIBRARIES[p] = CutlassLibrary(p)
-    return _LIBRARIES[p]
+    return CutlassLibrary.loaded(path)
 
 
 def unavailable_reason(path: Path | str | None = None) -> str | None:
