@@ -3,9 +3,11 @@ range, positive scales, distinct experts per token, normalised routing weights."
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-from vllm_moe_aot.measure.reference import gate, reference_moe
+from vllm_moe_aot.measure.reference import DequantizedExperts, gate, reference_moe
 from vllm_moe_aot.pipeline import FusedMoE
 from vllm_moe_aot.shapes import MoEShape, Scheme
 
@@ -65,6 +67,22 @@ def run(moe: FusedMoE, variant: str, p: dict, out: torch.Tensor | None = None) -
                    expert_map=p.get("expert_map"))
 
 
+#: id(w13) -> its layer's float64 experts: the GPU tests check every token count and variant
+#: against the same module-scoped weights, and dequantising them was most of the reference's
+#: time (~0.2 s per EP8 expert and reference on two cores); an entry goes with its weights
+#: (tensors cannot key a WeakKeyDictionary: it compares keys with ==)
+_DEQUANTIZED: dict[int, DequantizedExperts] = {}
+
+
+def _experts(moe: FusedMoE, p: dict) -> DequantizedExperts:
+    w = (p["w13"], p["w2"], p["w13_scale"], p["w2_scale"])
+    d = _DEQUANTIZED.get(id(p["w13"]))
+    if d is None or not d.matches(*w, d.weight_block):
+        d = _DEQUANTIZED[id(p["w13"])] = DequantizedExperts(*w, moe.scheme)
+        weakref.finalize(p["w13"], _DEQUANTIZED.pop, id(p["w13"]), None)
+    return d
+
+
 def reference_for(moe: FusedMoE, variant: str, p: dict, rows: torch.Tensor | None = None):
     """Float64 reference of the variant's semantics, for all rows or a sample of ``rows``.
     Tokens are independent (per-token or static activation scales), so a sample is exact."""
@@ -73,7 +91,8 @@ def reference_for(moe: FusedMoE, variant: str, p: dict, rows: torch.Tensor | Non
                          sel(p["topk_weights"]), sel(p["topk_ids"]), moe.scheme,
                          p["a13_scale"], p["a2_scale"],
                          quantize_activations=moe.quantize_activations(variant),
-                         expert_map=p.get("expert_map"), act_group=moe.act_group(variant))
+                         expert_map=p.get("expert_map"), act_group=moe.act_group(variant),
+                         experts=_experts(moe, p))
 
 
 def check(moe: FusedMoE, variant: str, p: dict, out: torch.Tensor,

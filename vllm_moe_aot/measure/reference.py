@@ -25,6 +25,7 @@ Quantisation clamps to +-FP8_MAX (NaN stays NaN) and rounds to nearest even.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +107,70 @@ def block_dequant(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) 
     return w.double() * s
 
 
+def _weight_block(scheme: Scheme, weight_block: tuple[int, int] | None
+                  ) -> tuple[int, int] | None:
+    """The weight block in force: the one given, or block FP8's own."""
+    return WEIGHT_BLOCK if scheme.block_weights and weight_block is None else weight_block
+
+
+def _weight_scales(E: int, w13_scale: torch.Tensor, w2_scale: torch.Tensor,
+                   weight_block: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight scales as the dequantisation takes them (CPU float64): block scales as they
+    are, per-tensor and per-channel ones as [E, 1] / [E, rows]."""
+    s13, s2 = w13_scale.detach().cpu().double(), w2_scale.detach().cpu().double()
+    return (s13, s2) if weight_block is not None else (s13.reshape(E, -1), s2.reshape(E, -1))
+
+
+def _dequantize_expert(w13: torch.Tensor, w2: torch.Tensor, s13: torch.Tensor,
+                       s2: torch.Tensor, e: int, weight_block: tuple[int, int] | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ``e``'s float64 weights, w13 [2N, K] and w2 [K, N]; ``s13``/``s2`` as
+    :func:`reference_moe` reshapes them (CPU, float64)."""
+    if weight_block is not None:
+        return (block_dequant(w13[e].detach().cpu(), s13[e], weight_block),
+                block_dequant(w2[e].detach().cpu(), s2[e], weight_block))
+    return (w13[e].detach().cpu().double() * s13[e].reshape(-1, 1),
+            w2[e].detach().cpu().double() * s2[e].reshape(-1, 1))
+
+
+class DequantizedExperts:
+    """The float64 expert weights of one layer, each expert dequantised on first use and kept:
+    a test that checks many batches against the same weights pays the dequantisation (most of
+    the reference's time at EP8 sizes: ~0.2 s per expert on two cores) once per expert instead
+    of once per batch. It remembers the tensors it was made from (weakly: holding it keeps no
+    weights alive) and their in-place versions; :func:`reference_moe` refuses it for any other
+    weights."""
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor,
+                 w2_scale: torch.Tensor, scheme: Scheme | str,
+                 weight_block: tuple[int, int] | None = None) -> None:
+        scheme = Scheme.parse(scheme) if isinstance(scheme, str) else scheme
+        weight_block = _weight_block(scheme, weight_block)
+        self._sources = tuple(weakref.ref(t) for t in (w13, w2, w13_scale, w2_scale))
+        self.versions = tuple(t._version for t in (w13, w2, w13_scale, w2_scale))
+        self.weight_block = weight_block
+        self._s13, self._s2 = _weight_scales(w13.shape[0], w13_scale, w2_scale, weight_block)
+        self._experts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def matches(self, w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor,
+                w2_scale: torch.Tensor, weight_block: tuple[int, int] | None) -> bool:
+        """Whether these are the tensors (unchanged since) and the block this was made for."""
+        now = (w13, w2, w13_scale, w2_scale)
+        return (all(t is ref() for t, ref in zip(now, self._sources, strict=True))
+                and tuple(t._version for t in now) == self.versions
+                and weight_block == self.weight_block)
+
+    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ``e``'s float64 w13 [2N, K] and w2 [K, N]."""
+        if e not in self._experts:
+            w13, w2 = (ref() for ref in self._sources[:2])
+            if w13 is None or w2 is None:
+                raise ValueError("the weights these experts were made from are gone")
+            self._experts[e] = _dequantize_expert(w13, w2, self._s13, self._s2, e,
+                                                  self.weight_block)
+        return self._experts[e]
+
+
 def reference_moe(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -121,6 +186,7 @@ def reference_moe(
     expert_map: torch.Tensor | None = None,
     act_group: int = 0,
     weight_block: tuple[int, int] | None = None,
+    experts: DequantizedExperts | None = None,
 ) -> torch.Tensor:
     """The layer in float64 on the CPU: ``[M, K]`` float64.
 
@@ -140,6 +206,9 @@ def reference_moe(
     (see the module docstring); ``scheme`` must then be a dynamic one. ``Scheme.FP8_BLOCK``
     implies ``weight_block=WEIGHT_BLOCK``; its intermediate follows ``act_group`` where a
     variant re-quantises per wider N tile.
+
+    ``experts``: the same weights already dequantised (:class:`DequantizedExperts`, made from
+    exactly these tensors); the result is the same, only faster when it is reused.
     """
     scheme = Scheme.parse(scheme) if isinstance(scheme, str) else scheme
     fp8 = w13.dtype
@@ -147,17 +216,11 @@ def reference_moe(
     N = N2 // 2
     M, topk = topk_ids.shape
     xd = x.detach().cpu().double()
-    if scheme.block_weights and weight_block is None:
-        weight_block = WEIGHT_BLOCK
-    if weight_block is not None:
-        if scheme.static_activations:
-            raise ValueError("block FP8 quantises activations dynamically, not with "
-                             f"{scheme.value}'s static scales")
-        s13 = w13_scale.detach().cpu().double()
-        s2 = w2_scale.detach().cpu().double()
-    else:
-        s13 = w13_scale.detach().cpu().double().reshape(E, -1)
-        s2 = w2_scale.detach().cpu().double().reshape(E, -1)
+    weight_block = _weight_block(scheme, weight_block)
+    if weight_block is not None and scheme.static_activations:
+        raise ValueError("block FP8 quantises activations dynamically, not with "
+                         f"{scheme.value}'s static scales")
+    s13, s2 = _weight_scales(E, w13_scale, w2_scale, weight_block)
     ids = topk_ids.detach().cpu().long()
     tw = topk_weights.detach().cpu().double()
     local = None
@@ -168,6 +231,9 @@ def reference_moe(
         if ids.numel() and int(ids.max()) >= local.numel():
             raise ValueError(f"topk_ids reach expert {int(ids.max())}; expert_map covers "
                              f"{local.numel()}")
+    if experts is not None and not experts.matches(w13, w2, w13_scale, w2_scale, weight_block):
+        raise ValueError("experts were dequantised from other weights (or from these before an "
+                         "in-place change, or with another weight block)")
     out = torch.zeros(M, K, dtype=torch.float64)
     def q(t: torch.Tensor, static_scale, group: int) -> torch.Tensor:
         if weight_block is not None:  # per 128 columns, or per the variant's wider N tile
@@ -180,12 +246,8 @@ def reference_moe(
         if e < 0:
             continue  # another rank's expert
         rows, slots = (ids == g).nonzero(as_tuple=True)
-        if weight_block is not None:
-            w13e = block_dequant(w13[e].detach().cpu(), s13[e], weight_block)  # [2N, K]
-            w2e = block_dequant(w2[e].detach().cpu(), s2[e], weight_block)  # [K, N]
-        else:
-            w13e = w13[e].detach().cpu().double() * s13[e].reshape(-1, 1)  # [2N, K]
-            w2e = w2[e].detach().cpu().double() * s2[e].reshape(-1, 1)  # [K, N]
+        w13e, w2e = (experts.expert(e) if experts is not None else
+                     _dequantize_expert(w13, w2, s13, s2, e, weight_block))  # [2N, K], [K, N]
         h = a1[rows] @ w13e.T  # [r, 2N]
         act = torch.nn.functional.silu(h[:, :N]) * h[:, N:]
         if quantize_activations:
