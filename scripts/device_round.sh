@@ -23,6 +23,9 @@ fi
 export PYTHONPATH=".:.vllm_stock${PYTHONPATH:+:$PYTHONPATH}"
 rc=0
 T=${STEP_TIMEOUT:-560}
+# the tarball is rewritten after every step: a call cut by the device's limit inside a step
+# still returns every step before it
+pack() { tar -C "$W" -czf "$OUT/round.tar.gz" .; }
 for step in $STEPS; do
   echo "== $step $(date -u +%H:%M:%S)"
   case $step in
@@ -101,7 +104,8 @@ for step in $STEPS; do
       done ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac
+  pack
 done
-tar -C "$W" -czf "$OUT/round.tar.gz" .
+pack
 echo "== done $(date -u +%H:%M:%S) rc=$rc"
 exit $rc
