@@ -7,8 +7,8 @@
 # bench` for both presets (JSON, PNG, stdout; with the configs this call's tune step wrote, if
 # any); peertest: the peers' GPU tests (vLLM CUTLASS, torch); heldout: the default policy's
 # second held-out check (scripts/validate_policy.py --layers held-out-2); eptest: the EP8 and
-# wide-N GPU tests with the soak, and the peers'; sanitize: the EP8 layers under memcheck and
-# racecheck. Needs carry
+# wide-N GPU tests with the soak, and the peers'; gputest: every GPU-marked test
+# ($GPUTEST_K, $GPUTEST_ARGS); sanitize: the EP8 layers under memcheck and racecheck. Needs carry
 # [".vllm_stock", ".whl", "build/vllm_cutlass", "build/deepgemm"] (the last two from scripts/build_vllm_cutlass.py and scripts/build_deepgemm.py).
 # STEP_TIMEOUT (s, default 560) bounds each step so that the tarball is always written.
 set -u
@@ -94,12 +94,25 @@ for step in $STEPS; do
         ${EPTEST_ARGS:-} tests/gpu/test_pipeline_ep_gpu.py tests/gpu/test_vllm_cutlass_gpu.py \
         tests/gpu/test_torch_peer_gpu.py > "$W/eptest/stdout.txt" 2>&1 || rc=1
       grep -E "soak|passed|failed|Error" "$W/eptest/stdout.txt" | tail -30 ;;
+    gputest)
+      # every GPU-marked test (gpu_check.sh's pytest part alone); GPUTEST_K: a -k expression,
+      # GPUTEST_ARGS: test paths instead of tests/gpu
+      mkdir -p "$W/gputest"
+      # shellcheck disable=SC2086
+      timeout "$T" python3 -m pytest -m gpu -q -p no:cacheprovider -s -rfE \
+        ${GPUTEST_K:+-k "$GPUTEST_K"} ${GPUTEST_ARGS:-tests/gpu} > "$W/gputest/stdout.txt" 2>&1 \
+        || rc=1
+      grep -E "soak|passed|failed|FAIL|Error" "$W/gputest/stdout.txt" | tail -30 ;;
     sanitize)
       mkdir -p "$W/sanitize"
-      for tool in memcheck racecheck; do
+      # SANITIZE_TOOLS (default both), SANITIZE_LAYERS (ep8 | presets), SANITIZE_TOKENS (ep8),
+      # SANITIZE_ONLY (preset names; default all)
+      for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
+        # shellcheck disable=SC2086
         timeout "$T" compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 99 \
-          --print-limit 20 python3 scripts/sanitize_pipeline.py --layers ep8 \
-          --tokens ${SANITIZE_TOKENS:-37} > "$W/sanitize/$tool.txt" 2>&1 || rc=1
+          --print-limit 20 python3 scripts/sanitize_pipeline.py --layers ${SANITIZE_LAYERS:-ep8} \
+          --tokens ${SANITIZE_TOKENS:-37} ${SANITIZE_ONLY:+--only $SANITIZE_ONLY} \
+          > "$W/sanitize/$tool.txt" 2>&1 || rc=1
         grep -E "sanitize|SUMMARY" "$W/sanitize/$tool.txt" | tail -8
       done ;;
     *) echo "unknown step $step"; rc=2 ;;

@@ -28,9 +28,9 @@ def _poisoned_run(label: str, moe: FusedMoE, v: str, p: dict) -> int:
     return int(nan > 0)
 
 
-def presets() -> int:
+def presets(only: list[str]) -> int:
     bad = 0
-    for name, preset in PRESETS.items():
+    for name, preset in _chosen(only):
         g = torch.Generator(device="cuda").manual_seed(7)
         weights = make_weights(preset.shape, preset.scheme, g, device="cuda")
         moe = FusedMoE(preset.shape, preset.scheme, "cuda", max_tokens=4096)
@@ -44,11 +44,16 @@ def presets() -> int:
     return bad
 
 
-def ep8(tokens: list[int]) -> int:
+def _chosen(only: list[str]):
+    """The presets named in ``only`` (all when empty)."""
+    return [(n, p) for n, p in PRESETS.items() if not only or n in only]
+
+
+def ep8(tokens: list[int], only: list[str]) -> int:
     """One grouped variant that re-quantises per N tile where the scheme needs it (else the
     first grouped one) and one gemv variant, per EP8 layer."""
     bad = 0
-    for name, preset in PRESETS.items():
+    for name, preset in _chosen(only):
         shape = preset_shape(preset, tp=1, ep=8)
         local = MoEShape(shape.E, shape.K, shape.N, shape.topk)
         g = torch.Generator(device="cuda").manual_seed(11)
@@ -74,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", choices=["presets", "ep8"], default="presets")
     ap.add_argument("--tokens", type=int, nargs="+", default=[37],
                     help="token counts for --layers ep8")
+    ap.add_argument("--only", nargs="+", default=[], choices=list(PRESETS), metavar="PRESET",
+                    help="only these presets (default: all)")
     args = ap.parse_args(argv)
-    bad = presets() if args.layers == "presets" else ep8(args.tokens)
+    bad = presets(args.only) if args.layers == "presets" else ep8(args.tokens, args.only)
     return 1 if bad else 0
 
 
