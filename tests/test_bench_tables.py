@@ -3,20 +3,17 @@ regenerated here from the raw files by scripts/bench_tables.py and compared."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
+
+from tests._scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench_tables():
-    spec = importlib.util.spec_from_file_location("bench_tables",
-                                                  ROOT / "scripts" / "bench_tables.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_tables")
 
 
 def test_benchmarks_md_tables_come_from_the_raw_json():

@@ -6,7 +6,6 @@ and the build script's arguments and kernel plan. tests/gpu/test_deepgemm_gpu.py
 from __future__ import annotations
 
 import ast
-import importlib.util
 import math
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._scripts import load_script
 from vllm_moe_aot.measure.peers import deepgemm_bound as dgb
 from vllm_moe_aot.measure.peers import lineup
 from vllm_moe_aot.measure.reference import block_dequant, group_quant, reference_moe
@@ -28,11 +28,7 @@ DEEPGEMM_MIRROR = Path("/work/.mirror/deepseek-ai+DeepGEMM/repo")
 
 
 def _build_script():
-    spec = importlib.util.spec_from_file_location("build_deepgemm",
-                                                  ROOT / "scripts" / "build_deepgemm.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("build_deepgemm")
 
 
 # ---------------------------------------------------------------------------- availability
