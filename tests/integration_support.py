@@ -543,3 +543,32 @@ def pick_variants(shape, scheme, kind: str) -> tuple[str, str]:
     gemv = next(v for v in names if v.startswith("gemv"))
     grouped = next(v for v in names if v.startswith("grouped"))
     return gemv, grouped
+
+
+class StockSpy:
+    """Stands in for the delegate's ``apply`` (vLLM's Triton MoE cannot run here): records
+    each call's arguments the tests look at and writes a marker (7.0) into the output."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
+                 global_num_experts, expert_map, a1q_scale, a2_scale, *rest):
+        self.calls.append(dict(hidden_states=hidden_states, a1q_scale=a1q_scale,
+                               a2_scale=a2_scale, expert_map=expert_map,
+                               global_num_experts=global_num_experts,
+                               apply_router_weight_on_input=rest[-1]))
+        output.fill_(7.0)
+
+
+def spy_on_stock(experts, monkeypatch) -> StockSpy:
+    """Put a :class:`StockSpy` in place of ``experts``' delegate ``apply``; returns it."""
+    spy = StockSpy()
+    monkeypatch.setattr(experts.stock, "apply", spy)
+    return spy
+
+
+def forbid_pipeline(experts, monkeypatch) -> None:
+    """Make any run of ``experts``' AOT pipeline fail the test."""
+    monkeypatch.setattr(experts.metadata.pipeline, "run",
+                        lambda *a, **k: pytest.fail("the pipeline must not run"))

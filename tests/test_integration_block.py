@@ -66,19 +66,6 @@ def tune(tuned_dir, kind: str):
     return v1, v2
 
 
-class StockSpy:
-    """Stands in for the delegate's ``apply`` (vLLM's Triton MoE cannot run here)."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
-                 global_num_experts, expert_map, a1q_scale, a2_scale, *rest):
-        self.calls.append(dict(hidden_states=hidden_states, a1q_scale=a1q_scale,
-                               a2_scale=a2_scale, expert_map=expert_map))
-        output.fill_(7.0)
-
-
 def reference(layer, x, tw, ids, pipeline, variant):
     from vllm_moe_aot.measure.reference import reference_moe
 
@@ -136,8 +123,7 @@ def test_apply_runs_the_pipeline_for_tuned_batches(kind, plugin_on, fake_ops, tu
     v1, v2 = tune(tuned_dir, pipeline_kind)
     layer = build(kind)
     experts = layer.fused_experts
-    stock = StockSpy()
-    monkeypatch.setattr(experts.stock, "apply", stock)
+    stock = support.spy_on_stock(experts, monkeypatch)
     pipeline = experts.metadata.pipeline
     runs = []
     real_run = pipeline.run
@@ -168,10 +154,8 @@ def test_untuned_batches_go_to_triton_quantised_like_vllm(kind, plugin_on, fake_
     tune(tuned_dir, pipeline_kind)
     layer = build(kind)
     experts = layer.fused_experts
-    stock = StockSpy()
-    monkeypatch.setattr(experts.stock, "apply", stock)
-    monkeypatch.setattr(experts.metadata.pipeline, "run",
-                        lambda *a, **k: pytest.fail("the pipeline must not run"))
+    stock = support.spy_on_stock(experts, monkeypatch)
+    support.forbid_pipeline(experts, monkeypatch)
     for M in (3, 4):
         x = torch.randn(M, SHAPE.K, generator=torch.Generator().manual_seed(M)).bfloat16()
         tw, ids = support.routing(M, SHAPE.E, SHAPE.topk, seed=M)

@@ -62,18 +62,6 @@ def expert_map(local: str, layer) -> torch.Tensor:
     return (torch.arange(GLOBAL_E, dtype=torch.int32) % SHAPE.E).contiguous()
 
 
-class StockSpy:
-    """Stands in for the delegate's ``apply`` (vLLM's Triton MoE cannot run here)."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
-                 global_num_experts, expert_map, *rest):
-        self.calls.append(dict(expert_map=expert_map, global_num_experts=global_num_experts))
-        output.fill_(7.0)
-
-
 # --- the layers taken ---------------------------------------------------------------------------
 
 def test_the_layer_is_vllms_ep_layer(plugin_on, fake_ops, tuned_dir, pipeline_kind):
@@ -110,8 +98,7 @@ def test_apply_runs_the_pipeline_with_the_expert_map(kind, local, plugin_on, fak
     support.write_tuned(tuned_dir, SHAPE, scheme, {1: v1, 3: v2, 4: "stock"})
     layer = build(kind)
     experts = layer.fused_experts
-    stock = StockSpy()
-    monkeypatch.setattr(experts.stock, "apply", stock)
+    stock = support.spy_on_stock(experts, monkeypatch)
     pipeline = experts.metadata.pipeline
     runs = []
     real_run = pipeline.run

@@ -42,21 +42,6 @@ def tuned_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-class StockSpy:
-    """Stands in for the owned ``TritonExperts.apply`` (which cannot run here): records the
-    call and writes a marker into the output."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
-                 global_num_experts, expert_map, a1q_scale, a2_scale, *rest):
-        self.calls.append(dict(hidden_states=hidden_states, a1q_scale=a1q_scale,
-                               a2_scale=a2_scale, expert_map=expert_map,
-                               apply_router_weight_on_input=rest[-1]))
-        output.fill_(7.0)
-
-
 # --- metadata ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", support.KINDS)
@@ -127,8 +112,7 @@ def test_apply_routes_tuned_batches_to_the_pipeline(kind, plugin_on, fake_ops, t
     with support.cpu_vllm():
         layer = build(kind)
     experts = layer.fused_experts
-    stock = StockSpy()
-    monkeypatch.setattr(experts.stock, "apply", stock)
+    stock = support.spy_on_stock(experts, monkeypatch)
     runs = []
     real_run = experts.metadata.pipeline.run
     monkeypatch.setattr(experts.metadata.pipeline, "run",
@@ -161,10 +145,8 @@ def test_apply_routes_untuned_batches_to_stock_quantised_like_vllm(kind, plugin_
         layer = build(kind)
     experts = layer.fused_experts
     assert experts.expects_unquantized_inputs
-    stock = StockSpy()
-    monkeypatch.setattr(experts.stock, "apply", stock)
-    monkeypatch.setattr(experts.metadata.pipeline, "run",
-                        lambda *a, **k: pytest.fail("the pipeline must not run"))
+    stock = support.spy_on_stock(experts, monkeypatch)
+    support.forbid_pipeline(experts, monkeypatch)
     for M in (3, 4):
         x = torch.randn(M, SHAPE.K, generator=torch.Generator().manual_seed(M)).bfloat16()
         tw, ids = support.routing(M, SHAPE.E, SHAPE.topk, seed=M)
@@ -231,8 +213,7 @@ def test_a_pipeline_failure_at_run_time_moves_the_layer_to_stock(plugin_on, fake
     with support.cpu_vllm():
         layer = build("online_ptpc")
     experts = layer.fused_experts
-    stock = StockSpy()
-    monkeypatch.setattr(experts.stock, "apply", stock)
+    stock = support.spy_on_stock(experts, monkeypatch)
 
     def broken(*args, **kwargs):
         raise RuntimeError("launch failed")
