@@ -9,7 +9,7 @@ import torch
 
 from vllm_moe_aot.measure.reference import DequantizedExperts, gate, reference_moe
 from vllm_moe_aot.pipeline import FusedMoE
-from vllm_moe_aot.shapes import MoEShape, Scheme
+from vllm_moe_aot.shapes import MoEShape, Scheme, weight_scale_shapes
 
 FP8 = torch.float8_e4m3fn
 #: single variants are held to 1e-2 (the product gate in reference.py is looser)
@@ -24,15 +24,8 @@ def make_weights(shape: MoEShape, scheme: Scheme, g: torch.Generator, device="cp
     E, K, N = shape.E, shape.K, shape.N
     w13 = (torch.randn(E, 2 * N, K, generator=g, device=device) * 64).clamp(-448, 448).to(FP8)
     w2 = (torch.randn(E, K, N, generator=g, device=device) * 64).clamp(-448, 448).to(FP8)
-    if scheme.block_weights:  # vLLM's weight_scale_inv: one scale per 128 x 128 block
-        s13 = torch.rand(E, 2 * N // 128, K // 128, generator=g, device=device) * 2e-3 + 5e-4
-        s2 = torch.rand(E, K // 128, N // 128, generator=g, device=device) * 2e-3 + 5e-4
-    elif scheme.per_channel_weights:
-        s13 = torch.rand(E, 2 * N, generator=g, device=device) * 2e-3 + 5e-4
-        s2 = torch.rand(E, K, generator=g, device=device) * 2e-3 + 5e-4
-    else:
-        s13 = torch.rand(E, generator=g, device=device) * 2e-3 + 5e-4
-        s2 = torch.rand(E, generator=g, device=device) * 2e-3 + 5e-4
+    s13, s2 = (torch.rand(dims, generator=g, device=device) * 2e-3 + 5e-4
+               for dims in weight_scale_shapes(shape, scheme))
     return dict(w13=w13, w2=w2, w13_scale=s13, w2_scale=s2)
 
 

@@ -36,7 +36,13 @@ import torch
 
 from vllm_moe_aot import caches
 from vllm_moe_aot.contract import Regime, Role, Variant, fp8_dtype_name
-from vllm_moe_aot.shapes import WEIGHT_BLOCK, MoEShape, Scheme, unsupported_reason
+from vllm_moe_aot.shapes import (
+    WEIGHT_BLOCK,
+    MoEShape,
+    Scheme,
+    unsupported_reason,
+    weight_scale_shapes,
+)
 
 #: Token chunk the workspace is sized for when a caller asks for more.
 MAX_CHUNK_TOKENS = 16384
@@ -48,16 +54,6 @@ MIN_CHUNK_TOKENS = 256
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _scale_shapes(s: MoEShape, scheme: Scheme) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """w13's and w2's weight-scale shapes for ``scheme`` (``FusedMoE.scale_shapes``)."""
-    bn, bk = WEIGHT_BLOCK
-    if scheme.block_weights:
-        return (s.E, 2 * s.N // bn, s.K // bk), (s.E, s.K // bn, s.N // bk)
-    if scheme.per_channel_weights:
-        return (s.E, 2 * s.N), (s.E, s.K)
-    return (s.E,), (s.E,)
 
 
 def _fp8_dtype(target: str) -> torch.dtype:
@@ -198,10 +194,8 @@ class FusedMoE:
         groups = shape.K // WEIGHT_BLOCK[1] if scheme.block_weights else 1
         self.chunk = Workspace.chunk_tokens(shape, max_tokens, max_bm, tiles, groups)
         self.ws = Workspace(shape, self.device, self.chunk, max_bm, self.fp8, tiles, groups)
-        #: the weight scales ``run`` takes (their element counts are checked): ``[E]`` per
-        #: tensor, ``[E, 2N]`` / ``[E, K]`` per channel, vLLM's ``weight_scale_inv``
-        #: ``[E, 2N/128, K/128]`` / ``[E, K/128, N/128]`` per block
-        self.scale_shapes = _scale_shapes(shape, scheme)
+        #: the weight scales ``run`` takes (their element counts are checked)
+        self.scale_shapes = weight_scale_shapes(shape, scheme)
 
     @classmethod
     def shared(cls, shape: MoEShape, scheme: Scheme, device: torch.device | str,

@@ -146,6 +146,21 @@ MAX_TOPK = 16
 WEIGHT_BLOCK = (128, 128)
 
 
+def weight_scale_shapes(shape: MoEShape, scheme: Scheme
+                        ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """w13's and w2's weight-scale shapes under ``scheme``: ``[E]`` per tensor, ``[E, 2N]`` /
+    ``[E, K]`` per channel, vLLM's ``weight_scale_inv`` ``[E, 2N/128, K/128]`` /
+    ``[E, K/128, N/128]`` per block (N and K in whole blocks, as :func:`unsupported_reason`
+    requires)."""
+    E, K, N = shape.E, shape.K, shape.N
+    bn, bk = WEIGHT_BLOCK
+    if scheme.block_weights:
+        return (E, 2 * N // bn, K // bk), (E, K // bn, N // bk)
+    if scheme.per_channel_weights:
+        return (E, 2 * N), (E, K)
+    return (E,), (E,)
+
+
 def unsupported_reason(shape: MoEShape, scheme: Scheme | str | None = None) -> str | None:
     """Return why the AOT pipeline cannot serve ``shape``/``scheme``, or None if it can."""
     if scheme is not None and not isinstance(scheme, Scheme):

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vllm_moe_aot.measure.peers import _ctypes_lib
-from vllm_moe_aot.shapes import WEIGHT_BLOCK, MoEShape, Scheme
+from vllm_moe_aot.shapes import WEIGHT_BLOCK, MoEShape, Scheme, weight_scale_shapes
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -614,7 +614,7 @@ def check_problem(problem: MoEProblem, scheme: Scheme) -> None:
     if (bn, bk) != (128, 128) or K % 128 or N % 128:
         raise ValueError(f"DeepGEMM's scales are 128 x 128 blocks; K={K} and N={N} must be "
                          "multiples of 128")
-    want13, want2 = (E, N2 // bn, K // bk), (E, K // bn, N // bk)
+    want13, want2 = weight_scale_shapes(MoEShape(E, K, N, ids.shape[-1]), scheme)
     if tuple(s13.shape) != want13 or tuple(s2.shape) != want2:
         raise ValueError(f"block scales must be {want13} / {want2}, got {tuple(s13.shape)} / "
                          f"{tuple(s2.shape)}")
