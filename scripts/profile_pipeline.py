@@ -25,7 +25,7 @@ from vllm_moe_aot.measure.peers.vllm_triton import get_stock_provider  # noqa: E
 from vllm_moe_aot.measure.timing import time_graph  # noqa: E402
 from vllm_moe_aot.measure.workload import make_problem  # noqa: E402
 from vllm_moe_aot.pipeline import FusedMoE  # noqa: E402
-from vllm_moe_aot.shapes import PRESETS  # noqa: E402
+from vllm_moe_aot.shapes import PRESETS, MoEShape, Scheme  # noqa: E402
 
 REPS = 5
 
@@ -48,18 +48,30 @@ def kernel_table(fn) -> list[tuple[str, int, float]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    ap.add_argument("--shape", default=None, help="E,K,N,topk[,ep] instead of --preset")
+    ap.add_argument("--scheme", default=None, help="with --shape (or to override the preset's)")
     ap.add_argument("--tokens", type=int, nargs="+", required=True)
     ap.add_argument("--variants", nargs="+", required=True)
     ap.add_argument("--no-stock", action="store_true")
     args = ap.parse_args()
-    preset = PRESETS[args.preset]
-    moe = FusedMoE(preset.shape, preset.scheme, "cuda", max_tokens=max(args.tokens), pdl=False)
-    moe_pdl = FusedMoE(preset.shape, preset.scheme, "cuda", max_tokens=max(args.tokens))
+    if args.shape:
+        if not (args.scheme or args.preset):
+            ap.error("--shape needs --scheme")
+        shape, label = MoEShape.parse(args.shape), f"custom {args.shape}"
+        scheme = Scheme.parse(args.scheme) if args.scheme else PRESETS[args.preset].scheme
+    elif args.preset:
+        preset, label = PRESETS[args.preset], args.preset
+        shape = preset.shape
+        scheme = Scheme.parse(args.scheme) if args.scheme else preset.scheme
+    else:
+        ap.error("give --preset or --shape")
+    moe = FusedMoE(shape, scheme, "cuda", max_tokens=max(args.tokens), pdl=False)
+    moe_pdl = FusedMoE(shape, scheme, "cuda", max_tokens=max(args.tokens))
     stock = None if args.no_stock else get_stock_provider("cuda")
     for M in args.tokens:
-        p = make_problem(preset.shape, preset.scheme, M, "cuda", seed=M)
-        out = torch.empty(M, preset.shape.K, dtype=torch.bfloat16, device="cuda")
+        p = make_problem(shape, scheme, M, "cuda", seed=M)
+        out = torch.empty(M, shape.K, dtype=torch.bfloat16, device="cuda")
         def call(m, v, p=p, out=out):
             return lambda: m.run(v, p.x, p.w13, p.w2, p.w13_scale, p.w2_scale, p.topk_weights,
                                  p.topk_ids, out, p.a13_scale, p.a2_scale)
@@ -73,7 +85,7 @@ def main() -> int:
             graph = f"graph {time_graph([fn]).us:.1f} us"
             if fn_pdl is not None:
                 graph += f" without PDL, {time_graph([fn_pdl]).us:.1f} us with PDL"
-            print(f"\n{args.preset} M={M} {name}: {total:9.1f} us of kernels per call; "
+            print(f"\n{label} M={M} {name}: {total:9.1f} us of kernels per call; "
                   f"{graph} (one input set, L2 warm)")
             for k, n, us in rows:
                 print(f"  {us:9.1f} us  {100 * us / total:5.1f}%  x{n:<3d} {k}")
