@@ -206,7 +206,9 @@ class GroupedStage2Tile:
     def kernel(self, scheme: str, align_m: int, scale_n: int = 0) -> str:
         """``scale_n``: stage 1's BLOCK_N, the width of one activation scale (tile_scales)."""
         bm = self.block_m(align_m)
-        dims = f"{_SHORT[scheme]}_m{bm}_k{self.bk}_n{self.bn}"
+        # the pipeline depth is named when it is not the default 3
+        dims = (f"{_SHORT[scheme]}_m{bm}_k{self.bk}_n{self.bn}"
+                + ("" if self.stages == 3 else f"_s{self.stages}"))
         scales = f"_ts{scale_n}" if self.tile_scales else ""
         if not self.k_split:
             return f"grp_s2_{dims}{'_atomic' if self.atomic else ''}{scales}"
@@ -256,6 +258,13 @@ S2_TILES = {
     # reads of weight tiles per MMA of wloop4m64n128, for wide layers at large M (256 output
     # columns per tile spills: 255 registers and a 320-byte stack, 2026-12-03)
     (128, "wloop4n128"): GroupedStage2Tile(128, 128, 8, 3, k_split=4, tile_scales=True),
+    # wide layers at large M (issue 13: ptpc N = 2048 spent 42% of the layer in stage 2 at
+    # 466 TFLOP/s against stage 1's 762, 2026-12-03): 256 output columns per tile (half the
+    # intermediate re-reads; best at M = 1024-4096) and one scale multiply per 256-wide chunk
+    # (the m64n256 stage 1's tiles; 2 stages: 2 CTAs/SM; best at 16384). Both at once and a
+    # 4-stage wloop4n128 lost at every M (docs/perf-notes.md)
+    (64, "wloop4k256"): GroupedStage2Tile(256, 128, 8, 3, k_split=4, tile_scales=True),
+    (64, "wloop4n256"): GroupedStage2Tile(128, 256, 4, 2, k_split=4, tile_scales=True),
     # ... and one output tile per program: K / 128 programs per row block (small batches)
     (16, "wstd"): GroupedStage2Tile(128, 64, 4, 3, tile_scales=True),
     (64, "wstd"): GroupedStage2Tile(128, 64, 4, 3, tile_scales=True),
@@ -283,7 +292,8 @@ MODES = (Mode("std", False), Mode("atomic", False), Mode("std", True), Mode("k25
          Mode("res4m64n128", True), Mode("wloop4", False), Mode("wloop4", True),
          Mode("wloop4n128", True), Mode("wloop4m64", True), Mode("wloop4m64n128", True),
          Mode("wstd", False), Mode("wstd", True), Mode("wloop4n128", False),
-         Mode("wloop4m64", False), Mode("wloop4m64n128", False))
+         Mode("wloop4m64", False), Mode("wloop4m64n128", False), Mode("wloop4k256", True),
+         Mode("wloop4n256", True))
 #: modes built for block FP8 only: its stage 1 always promotes, and these tiles (N = 128 in one
 #: chunk, the BLOCK_M=128 stage 1) lost to their fastacc forms for every other scheme
 BLOCK_ONLY_MODES = {Mode("wloop4n128", False), Mode("wloop4m64", False),
@@ -293,7 +303,7 @@ BLOCK_ONLY_MODES = {Mode("wloop4n128", False), Mode("wloop4m64", False),
 #: instead of 3x with m64n64)
 FASTACC_TILES: dict[str, set[str] | None] = {
     "m64": None, "m64n64": None, "m128": None,
-    "m64n256": {"loop4", "res4n256", "wloop4", "wloop4n128"}}
+    "m64n256": {"loop4", "res4n256", "wloop4", "wloop4n128", "wloop4k256", "wloop4n256"}}
 
 
 def _prep_name(static: bool, zero_acc: bool, group: bool = False) -> str:
