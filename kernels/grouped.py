@@ -266,7 +266,7 @@ def moe_grouped_stage2_loop(
     STATIC: tl.constexpr, NUM_STAGES: tl.constexpr, FP8_MAX: tl.constexpr,
     EXACT_CAST: tl.constexpr, USE_GDC: tl.constexpr,
     TILE_SCALES: tl.constexpr = False, SCALE_N: tl.constexpr = 128,
-    BLOCK_SCALES: tl.constexpr = False,
+    BLOCK_SCALES: tl.constexpr = False, K_FIRST: tl.constexpr = False,
 ):
     """Stage 2 as a loop: one program per (block of sorted rows, 1/K_SPLIT of the K output
     columns) walks all its K tiles, so the row block's bookkeeping (pairs, scales, routing
@@ -281,10 +281,18 @@ def moe_grouped_stage2_loop(
     columns), stage 1's BLOCK_N tiles; each chunk's MMA result is scaled by its rows' scales
     before it is added (BLOCK_N divides SCALE_N, so a chunk never straddles two tiles).
     BLOCK_SCALES (block FP8, with TILE_SCALES): and by its output columns' w2 block scales.
+    K_FIRST: programs run in (row block, K part) order instead of (K part, row block), so the
+    K_SPLIT programs of a row block run side by side and its intermediate comes from DRAM once
+    (at N = 2048 the row-block-first order read it K_SPLIT times).
     """
     _chain(USE_GDC)
-    b = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    if K_FIRST:
+        launched = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
+        b = launched // K_SPLIT
+        pid_k = launched % K_SPLIT
+    else:
+        b = tl.program_id(0)
+        pid_k = tl.program_id(1)
     if b * BLOCK_M >= tl.load(total_ptr):
         return
     e, offs_m, valid, row_mult, safe = _stage2_rows(

@@ -194,6 +194,8 @@ class GroupedStage2Tile:
     #: the looped kernel with one activation scale per (row, stage-1 N tile): dynamic schemes
     #: at any N (stage 1's BLOCK_N need not cover N)
     tile_scales: bool = False
+    #: the looped kernel's programs in (row block, K part) order (K_FIRST)
+    k_first: bool = False
 
     def block_m(self, align_m: int) -> int:
         return self.bm or align_m
@@ -214,7 +216,8 @@ class GroupedStage2Tile:
             return f"grp_s2_{dims}{'_atomic' if self.atomic else ''}{scales}"
         kind = "res" if self.resident else "loop"
         return (f"grp_s2{kind}_{dims}_split{self.k_split}"
-                + (f"_align{align_m}" if align_m != bm else "") + scales)
+                + (f"_align{align_m}" if align_m != bm else "") + scales
+                + ("_kf" if self.k_first else ""))
 
 
 S1_TILES = (
@@ -265,6 +268,13 @@ S2_TILES = {
     # 4-stage wloop4n128 lost at every M (docs/perf-notes.md)
     (64, "wloop4k256"): GroupedStage2Tile(256, 128, 8, 3, k_split=4, tile_scales=True),
     (64, "wloop4n256"): GroupedStage2Tile(128, 256, 4, 2, k_split=4, tile_scales=True),
+    # ... in (row block, K part) order: the K parts of a row block share its intermediate
+    # while it is in L2 (ncu at N = 2048, M = 2048: stage 2 read 755 MB from DRAM, 2x the
+    # weights, intermediate and partials once)
+    (64, "wloop4n128kf"): GroupedStage2Tile(128, 128, 4, 3, k_split=4, tile_scales=True,
+                                            k_first=True),
+    (64, "wloop4k256kf"): GroupedStage2Tile(256, 128, 8, 3, k_split=4, tile_scales=True,
+                                            k_first=True),
     # ... and one output tile per program: K / 128 programs per row block (small batches)
     (16, "wstd"): GroupedStage2Tile(128, 64, 4, 3, tile_scales=True),
     (64, "wstd"): GroupedStage2Tile(128, 64, 4, 3, tile_scales=True),
@@ -293,7 +303,7 @@ MODES = (Mode("std", False), Mode("atomic", False), Mode("std", True), Mode("k25
          Mode("wloop4n128", True), Mode("wloop4m64", True), Mode("wloop4m64n128", True),
          Mode("wstd", False), Mode("wstd", True), Mode("wloop4n128", False),
          Mode("wloop4m64", False), Mode("wloop4m64n128", False), Mode("wloop4k256", True),
-         Mode("wloop4n256", True))
+         Mode("wloop4n256", True), Mode("wloop4n128kf", True), Mode("wloop4k256kf", True))
 #: modes built for block FP8 only: its stage 1 always promotes, and these tiles (N = 128 in one
 #: chunk, the BLOCK_M=128 stage 1) lost to their fastacc forms for every other scheme
 BLOCK_ONLY_MODES = {Mode("wloop4n128", False), Mode("wloop4m64", False),
@@ -303,7 +313,8 @@ BLOCK_ONLY_MODES = {Mode("wloop4n128", False), Mode("wloop4m64", False),
 #: instead of 3x with m64n64)
 FASTACC_TILES: dict[str, set[str] | None] = {
     "m64": None, "m64n64": None, "m128": None,
-    "m64n256": {"loop4", "res4n256", "wloop4", "wloop4n128", "wloop4k256", "wloop4n256"}}
+    "m64n256": {"loop4", "res4n256", "wloop4", "wloop4n128", "wloop4k256", "wloop4n256",
+                "wloop4n128kf", "wloop4k256kf"}}
 
 
 def _prep_name(static: bool, zero_acc: bool, group: bool = False) -> str:
@@ -381,6 +392,8 @@ def grouped_stage2_spec(t: GroupedStage2Tile, bm1: int, scheme: str,
     if not t.resident:
         consts.update(TILE_SCALES=t.tile_scales, SCALE_N=scale_n or t.bn,
                       BLOCK_SCALES=f.block)
+        if t.k_split:
+            consts["K_FIRST"] = t.k_first
     return KernelSpec(
         name=t.kernel(scheme, bm1, scale_n), source=f"kernels.grouped:{t.function()}",
         family="grouped_stage2",

@@ -8,7 +8,8 @@
 # any); peertest: the peers' GPU tests (vLLM CUTLASS, torch); heldout: the default policy's
 # second held-out check (scripts/validate_policy.py --layers held-out-2); eptest: the EP8 and
 # wide-N GPU tests with the soak, and the peers'; gputest: every GPU-marked test
-# ($GPUTEST_K, $GPUTEST_ARGS); sanitize: the EP8 layers under memcheck and racecheck. Needs carry
+# ($GPUTEST_K, $GPUTEST_ARGS); sanitize: the EP8 layers under memcheck and racecheck; ncu:
+# Nsight Compute sections of the GEMM kernels ($NCU_ARGS, profile_pipeline.py arguments). Needs carry
 # [".vllm_stock", ".whl", "build/vllm_cutlass", "build/deepgemm"] (the last two from scripts/build_vllm_cutlass.py and scripts/build_deepgemm.py).
 # STEP_TIMEOUT (s, default 560) bounds each step so that the tarball is always written.
 set -u
@@ -115,6 +116,25 @@ for step in $STEPS; do
           --tokens ${SANITIZE_TOKENS:-37} ${SANITIZE_ONLY:+--only $SANITIZE_ONLY} \
           > "$W/sanitize/$tool.txt" 2>&1 || rc=1
         grep -E "sanitize|SUMMARY" "$W/sanitize/$tool.txt" | tail -8
+      done ;;
+    ncu)
+      # Nsight Compute on the GEMM kernels of one pipeline call: NCU_ARGS lines (';'-separated)
+      # of scripts/profile_pipeline.py arguments; the 4th call's kernels matching NCU_KERNELS
+      # (default: both grouped GEMM stages) are profiled at the card's own clocks
+      mkdir -p "$W/ncu"
+      IFS=';' read -ra lines <<< "${NCU_ARGS:-}"
+      i=0
+      for a in "${lines[@]}"; do
+        i=$((i + 1))
+        # shellcheck disable=SC2086
+        timeout "$T" ncu --clock-control none -k "regex:${NCU_KERNELS:-moe_grouped_stage}" \
+          --launch-skip "${NCU_SKIP:-6}" --launch-count "${NCU_COUNT:-2}" \
+          --section SpeedOfLight --section ComputeWorkloadAnalysis \
+          --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+          python3 scripts/profile_pipeline.py --plain-calls 5 $a > "$W/ncu/n$i.txt" 2>&1 || rc=1
+        grep -E "moe_grouped|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput" \
+          "$W/ncu/n$i.txt" | head -20
+        pack
       done ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac

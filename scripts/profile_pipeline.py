@@ -54,6 +54,9 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, nargs="+", required=True)
     ap.add_argument("--variants", nargs="+", required=True)
     ap.add_argument("--no-stock", action="store_true")
+    ap.add_argument("--plain-calls", type=int, default=0, metavar="K",
+                    help="only run each variant K times, eagerly, without PDL and without the "
+                         "torch profiler (for an outside profiler such as ncu)")
     args = ap.parse_args()
     if args.shape:
         if not (args.scheme or args.preset):
@@ -76,6 +79,12 @@ def main() -> int:
             return lambda: m.run(v, p.x, p.w13, p.w2, p.w13_scale, p.w2_scale, p.topk_weights,
                                  p.topk_ids, out, p.a13_scale, p.a2_scale)
 
+        if args.plain_calls:
+            for v in args.variants:
+                for _ in range(args.plain_calls):
+                    call(moe, v)()
+            torch.cuda.synchronize()
+            continue
         runs = {v: (call(moe, v), call(moe_pdl, v)) for v in args.variants}
         if stock is not None:
             runs[f"stock ({stock.name})"] = (lambda p=p, out=out: stock(p, out=out), None)

@@ -16,7 +16,8 @@ DYNAMIC = [Scheme.FP8_PTPC, Scheme.FP8_PER_TENSOR_DYNAMIC]
 #: one-tile-per-program stage 2 after 64-wide tiles, and the BLOCK_M=128 pair
 WIDE = ("grouped_m64_fastacc_wloop4", "grouped_m64n256_fastacc_wloop4n128",
         "grouped_m16n64_wstd", "grouped_m128_fastacc_wloop4n128",
-        "grouped_m64n256_fastacc_wloop4k256", "grouped_m64n256_fastacc_wloop4n256")
+        "grouped_m64n256_fastacc_wloop4k256", "grouped_m64n256_fastacc_wloop4n256",
+        "grouped_m64n256_fastacc_wloop4k256kf")
 
 
 @pytest.mark.parametrize("scheme", DYNAMIC, ids=lambda s: s.value)
