@@ -108,12 +108,13 @@ for step in $STEPS; do
     sanitize)
       mkdir -p "$W/sanitize"
       # SANITIZE_TOOLS (default both), SANITIZE_LAYERS (ep8 | presets), SANITIZE_TOKENS (ep8),
-      # SANITIZE_ONLY (preset names; default all)
+      # SANITIZE_ONLY (preset names; default all), SANITIZE_VARIANTS (ep8: grouped variants)
       for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
         # shellcheck disable=SC2086
         timeout "$T" compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 99 \
           --print-limit 20 python3 scripts/sanitize_pipeline.py --layers ${SANITIZE_LAYERS:-ep8} \
           --tokens ${SANITIZE_TOKENS:-37} ${SANITIZE_ONLY:+--only $SANITIZE_ONLY} \
+          ${SANITIZE_VARIANTS:+--variants $SANITIZE_VARIANTS} \
           > "$W/sanitize/$tool.txt" 2>&1 || rc=1
         grep -E "sanitize|SUMMARY" "$W/sanitize/$tool.txt" | tail -8
       done ;;

@@ -49,9 +49,10 @@ def _chosen(only: list[str]):
     return [(n, p) for n, p in PRESETS.items() if not only or n in only]
 
 
-def ep8(tokens: list[int], only: list[str]) -> int:
+def ep8(tokens: list[int], only: list[str], variants: list[str]) -> int:
     """One grouped variant that re-quantises per N tile where the scheme needs it (else the
-    first grouped one) and one gemv variant, per EP8 layer."""
+    first grouped one), or the grouped ``variants`` the layer builds, and one gemv variant,
+    per EP8 layer."""
     bad = 0
     for name, preset in _chosen(only):
         shape = preset_shape(preset, tp=1, ep=8)
@@ -61,6 +62,7 @@ def ep8(tokens: list[int], only: list[str]) -> int:
         moe = FusedMoE(shape, preset.scheme, "cuda", max_tokens=max(tokens))
         grouped = [v for v in moe.variants if moe.regime(v) == "grouped"]
         wide = [v for v in grouped if moe.act_group(v)]
+        chosen = [v for v in variants if v in grouped] if variants else [(wide or grouped)[0]]
         gemv = next(v for v in moe.variants if moe.regime(v) == "gemv")
         G = shape.global_experts
         emap = torch.full((G,), -1, dtype=torch.int32, device="cuda")
@@ -69,7 +71,7 @@ def ep8(tokens: list[int], only: list[str]) -> int:
             ids = torch.rand(M, G, generator=g, device="cuda").argsort(dim=1)[:, :shape.topk]
             p = {**weights, **make_tokens(local, preset.scheme, M, g, device="cuda", ids=ids),
                  "expert_map": emap}
-            for v in ((wide or grouped)[0], gemv):
+            for v in (*chosen, gemv):
                 bad += _poisoned_run(f"{name} ep8", moe, v, p)
     return bad
 
@@ -81,8 +83,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="token counts for --layers ep8")
     ap.add_argument("--only", nargs="+", default=[], choices=list(PRESETS), metavar="PRESET",
                     help="only these presets (default: all)")
+    ap.add_argument("--variants", nargs="+", default=[], metavar="VARIANT",
+                    help="--layers ep8: these grouped variants (where the layer builds them) "
+                         "instead of the default one")
     args = ap.parse_args(argv)
-    bad = presets(args.only) if args.layers == "presets" else ep8(args.tokens, args.only)
+    bad = (presets(args.only) if args.layers == "presets"
+           else ep8(args.tokens, args.only, args.variants))
     return 1 if bad else 0
 
 
