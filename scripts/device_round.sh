@@ -27,6 +27,25 @@ T=${STEP_TIMEOUT:-560}
 # the tarball is rewritten after every step: a call cut by the device's limit inside a step
 # still returns every step before it
 pack() { tar -C "$W" -czf "$OUT/round.tar.gz" .; }
+# each_line LINES FN: FN N ARGS for each ';'-separated line of LINES (N counts from 1)
+each_line() {
+  local lines a i=0
+  IFS=';' read -ra lines <<< "$1"
+  for a in "${lines[@]}"; do i=$((i + 1)); "$2" "$i" "$a"; done
+}
+# shellcheck disable=SC2086  # $2: the line's arguments, split on spaces
+profile_line() { python3 scripts/profile_pipeline.py $2 2>&1 | tee "$W/profile/p$1.txt" || rc=1; }
+# shellcheck disable=SC2086
+ncu_line() {
+  timeout "$T" ncu --clock-control none -k "regex:${NCU_KERNELS:-moe_grouped_stage}" \
+    --launch-skip "${NCU_SKIP:-6}" --launch-count "${NCU_COUNT:-2}" \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+    python3 scripts/profile_pipeline.py --plain-calls 5 $2 > "$W/ncu/n$1.txt" 2>&1 || rc=1
+  grep -E "moe_grouped|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput" \
+    "$W/ncu/n$1.txt" | head -20
+  pack
+}
 for step in $STEPS; do
   echo "== $step $(date -u +%H:%M:%S)"
   case $step in
@@ -65,13 +84,7 @@ for step in $STEPS; do
       tail -30 "$W/heldout/stdout.txt" ;;
     profile)
       mkdir -p "$W/profile"
-      IFS=';' read -ra lines <<< "${PROFILE_ARGS:-}"
-      i=0
-      for a in "${lines[@]}"; do
-        i=$((i + 1))
-        # shellcheck disable=SC2086
-        python3 scripts/profile_pipeline.py $a 2>&1 | tee "$W/profile/p$i.txt" || rc=1
-      done ;;
+      each_line "${PROFILE_ARGS:-}" profile_line ;;
     bench)
       # BENCH_LAYERS: ';'-separated "label=bench arguments" (default: both presets at TP8)
       mkdir -p "$W/bench"
@@ -123,20 +136,7 @@ for step in $STEPS; do
       # of scripts/profile_pipeline.py arguments; the 4th call's kernels matching NCU_KERNELS
       # (default: both grouped GEMM stages) are profiled at the card's own clocks
       mkdir -p "$W/ncu"
-      IFS=';' read -ra lines <<< "${NCU_ARGS:-}"
-      i=0
-      for a in "${lines[@]}"; do
-        i=$((i + 1))
-        # shellcheck disable=SC2086
-        timeout "$T" ncu --clock-control none -k "regex:${NCU_KERNELS:-moe_grouped_stage}" \
-          --launch-skip "${NCU_SKIP:-6}" --launch-count "${NCU_COUNT:-2}" \
-          --section SpeedOfLight --section ComputeWorkloadAnalysis \
-          --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
-          python3 scripts/profile_pipeline.py --plain-calls 5 $a > "$W/ncu/n$i.txt" 2>&1 || rc=1
-        grep -E "moe_grouped|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput" \
-          "$W/ncu/n$i.txt" | head -20
-        pack
-      done ;;
+      each_line "${NCU_ARGS:-}" ncu_line ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac
   pack
