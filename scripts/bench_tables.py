@@ -2,6 +2,7 @@
 targets marked met or not per row (so the document cannot drift from the raw JSON).
 
     python3 scripts/bench_tables.py docs/bench-2026-11-25-c/bench_*.json
+    python3 scripts/bench_tables.py --targets docs/bench-2026-12-03-b/bench_*.json  # issue 15
 """
 
 from __future__ import annotations
@@ -109,14 +110,86 @@ def peer_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+#: issue 15's absolute M = 1 targets (µs) per preset name prefix; its time/F bounds by M
+M1_TARGETS = {"qwen3.5-397b-a17b": 5.5, "hy3": 6.5}
+#: issue 15 target 4's absolute bound (µs) at M = 131072
+M131072_TARGETS = {"qwen3.5-397b-a17b": 5900.0}
+#: from this M on, target 1 also counts the CUTLASS-class bound (the two GEMMs alone)
+BOUND_FROM_M = 2048
+
+
+def _tf_bound(M: int) -> float | None:
+    """Issue 15's time/F bound at M (targets 3 and 4; M = 1 has an absolute bound)."""
+    if M == 1:
+        return None
+    return 1.33 if M <= 1024 else 1.6 if M <= 4096 else 2.0
+
+
+def _verdict(bad: list[str], all_count: int) -> str:
+    return "met" if not bad else f"**not met** at {len(bad)} of {all_count}: " + ", ".join(bad)
+
+
+def targets_table(report: dict) -> str:
+    """Issue 15's targets 1-5 for one peer-format report, each marked met or not with its
+    figures (the rows that miss it)."""
+    preset = report["layer"]["name"].split(" ")[0]
+    rows = [r for r in report["rows"] if r["variant"] not in report["peers"]]
+    stock = report["stock_provider"]
+    t1 = []
+    for r in rows:
+        best = r["speedup_best"] or 0.0
+        bound = r["peer_us"].get("gemm_bound")
+        if best < 1.0:
+            t1.append(f"M={r['M']} {best:.2f}x {r['best_peer']}")
+        elif r["M"] >= BOUND_FROM_M and bound is not None and r["us"] > bound:
+            t1.append(f"M={r['M']} {bound / r['us']:.2f}x bound")
+    m1 = next((r for r in rows if r["M"] == 1), None)
+    m1_target = M1_TARGETS.get(preset)
+    t2 = ("-" if m1 is None or m1_target is None else
+          ("met" if m1["us"] <= m1_target else "**not met**") +
+          f": {m1['us']:.1f} µs (<= {m1_target:g}), time/F {m1['over_floor']:.2f}")
+    t3 = [f"M={r['M']} {r['over_floor']:.2f}" for r in rows
+          if 2 <= r["M"] <= 1024 and r["over_floor"] > 1.33]
+    abs4 = M131072_TARGETS.get(preset)
+    t4 = []
+    for r in rows:
+        if r["M"] < 2048:
+            continue
+        miss = [f"{r['over_floor']:.2f}"] if r["over_floor"] > _tf_bound(r["M"]) else []
+        if r["M"] == 131072 and abs4 is not None and r["us"] > abs4:
+            miss.append(f"{r['us'] / 1e3:.2f} ms (<= {abs4 / 1e3:g})")
+        if miss:
+            t4.append(f"M={r['M']} " + ", ".join(miss))
+    hosts = [r for r in rows if r.get("host_us") is not None]
+    t5 = [f"M={r['M']} {r['host_us']:.0f} vs {r['peer_host_us'].get(stock, float('nan')):.0f} µs"
+          for r in hosts if not r["host_us"] <= r["peer_host_us"].get(stock, float("inf"))]
+    n3 = sum(2 <= r["M"] <= 1024 for r in rows)
+    n4 = sum(r["M"] >= 2048 for r in rows)
+    host_fig = "; ".join(f"M={r['M']}: {r['host_us']:.0f} vs {stock} "
+                         f"{r['peer_host_us'].get(stock, float('nan')):.0f} µs" for r in hosts)
+    lines = [f"#### {report['layer']['name']} {report['layer']['scheme']}: issue 15's targets", "",
+             "| target | status |", "|---|---|",
+             f"| 1. >= the best peer at every M (and the CUTLASS-class bound from M = "
+             f"{BOUND_FROM_M}) | {_verdict(t1, len(rows))} |",
+             f"| 2. M = 1 | {t2} |",
+             f"| 3. time/F <= 1.33 for 2 <= M <= 1024 | {_verdict(t3, n3)} |",
+             f"| 4. time/F <= 1.6 for 2048-4096, <= 2.0 from 8192 | {_verdict(t4, n4)} |",
+             f"| 5. host time of one eager call <= stock's ({stock}) | "
+             f"{'met' if not t5 else '**not met**'}: {host_fig or '-'} |"]
+    return "\n".join(lines)
+
+
 def main(paths: list[str]) -> int:
+    want_targets = "--targets" in paths
+    paths = [p for p in paths if p != "--targets"]
     if not paths:
         print(__doc__, file=sys.stderr)
         return 2
     for p in paths:
         with open(p) as f:
-            print(table(json.load(f)))
-            print()
+            report = json.load(f)
+        print(targets_table(report) if want_targets else table(report))
+        print()
     return 0
 
 

@@ -43,3 +43,48 @@ def test_targets_are_marked_from_the_numbers():
     out = tables.table(report)
     assert "| met | <= 1.35: **not met** | <= 7: **not met** |" in out
     assert "| 1 | 10.0 | 9.0 | 50.0 | **not met** |" in out  # host time above stock's
+
+
+def test_issue15_targets_in_benchmarks_md_come_from_the_raw_json():
+    doc = (ROOT / "docs" / "benchmarks.md").read_text()
+    m = re.search(r"bench_tables\.py --targets docs/(bench-[^/]+)/bench_\*\.json", doc)
+    assert m, "benchmarks.md names the run its issue-15 targets come from"
+    tables = _bench_tables()
+    for f in sorted((ROOT / "docs" / m.group(1)).glob("bench_*.json")):
+        report = json.loads(f.read_text())
+        assert tables.targets_table(report) in doc, f"{f.name}: the targets table differs"
+
+
+def _peer_report(rows: list[dict]) -> dict:
+    return {"layer": {"name": "qwen3.5-397b-a17b tp8", "scheme": "fp8_ptpc"},
+            "peers": {"vllm_triton": "t", "vllm_cutlass": "c", "gemm_bound": "b"},
+            "stock_provider": "vllm_cutlass", "rows": rows}
+
+
+def _row(M: int, us: float, best: float, tf: float, bound: float | None = None, **kw) -> dict:
+    return {"M": M, "variant": "v", "us": us, "speedup_best": best, "best_peer": "vllm_triton",
+            "over_floor": tf, "peer_us": {"gemm_bound": bound} if bound else {}, **kw}
+
+
+def test_issue15_targets_are_marked_from_the_numbers():
+    tables = _bench_tables()
+    rows = [_row(1, 5.0, 2.0, 1.4, host_us=10.0, peer_host_us={"vllm_cutlass": 20.0}),
+            _row(64, 100.0, 1.1, 1.30),
+            _row(1024, 300.0, 0.98, 1.40),
+            _row(4096, 500.0, 1.2, 1.5, bound=450.0),
+            _row(131072, 6000.0, 1.3, 1.9, bound=7000.0, host_us=30.0,
+                 peer_host_us={"vllm_cutlass": 25.0})]
+    out = tables.targets_table(_peer_report(rows))
+    # target 1: M=1024 loses to the best peer; from 2048 on the bound counts too
+    assert "**not met** at 2 of 5: M=1024 0.98x vllm_triton, M=4096 0.90x bound |" in out
+    assert "| 2. M = 1 | met: 5.0 µs (<= 5.5), time/F 1.40 |" in out
+    assert "| 3. time/F <= 1.33 for 2 <= M <= 1024 | **not met** at 1 of 2: M=1024 1.40 |" in out
+    # target 4: t/F within bounds, but 131072 is over Qwen's 5.9 ms
+    assert "**not met** at 1 of 2: M=131072 6.00 ms (<= 5.9) |" in out
+    assert "| 5. host time of one eager call <= stock's (vllm_cutlass) | **not met**: " in out
+    rows[2] = _row(1024, 300.0, 1.01, 1.30)
+    rows[3] = _row(4096, 400.0, 1.2, 1.5, bound=450.0)
+    rows[4] = _row(131072, 5800.0, 1.3, 1.9, bound=7000.0, host_us=20.0,
+                   peer_host_us={"vllm_cutlass": 25.0})
+    out = tables.targets_table(_peer_report(rows))
+    assert out.count("| met") == 5, out
