@@ -149,7 +149,7 @@ def targets_table(report: dict) -> str:
           ("met" if m1["us"] <= m1_target else "**not met**") +
           f": {m1['us']:.1f} µs (<= {m1_target:g}), time/F {m1['over_floor']:.2f}")
     t3 = [f"M={r['M']} {r['over_floor']:.2f}" for r in rows
-          if 2 <= r["M"] <= 1024 and r["over_floor"] > 1.33]
+          if 2 <= r["M"] <= 1024 and r["over_floor"] > _tf_bound(r["M"])]
     abs4 = M131072_TARGETS.get(preset)
     t4 = []
     for r in rows:

@@ -21,11 +21,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from vllm_moe_aot.measure.bench import resolve_layer  # noqa: E402
 from vllm_moe_aot.measure.peers.vllm_triton import get_stock_provider  # noqa: E402
 from vllm_moe_aot.measure.timing import time_graph  # noqa: E402
 from vllm_moe_aot.measure.workload import make_problem  # noqa: E402
 from vllm_moe_aot.pipeline import FusedMoE  # noqa: E402
-from vllm_moe_aot.shapes import PRESETS, MoEShape, Scheme  # noqa: E402
+from vllm_moe_aot.shapes import PRESETS  # noqa: E402
 
 REPS = 5
 
@@ -49,6 +50,8 @@ def kernel_table(fn) -> list[tuple[str, int, float]]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    ap.add_argument("--tp", type=int, default=8, help="with --preset (default 8)")
+    ap.add_argument("--ep", type=int, default=1, help="with --preset (default 1)")
     ap.add_argument("--shape", default=None, help="E,K,N,topk[,ep] instead of --preset")
     ap.add_argument("--scheme", default=None, help="with --shape (or to override the preset's)")
     ap.add_argument("--tokens", type=int, nargs="+", required=True)
@@ -58,20 +61,14 @@ def main() -> int:
                     help="only run each variant K times, eagerly, without PDL and without the "
                          "torch profiler (for an outside profiler such as ncu)")
     args = ap.parse_args()
-    if args.shape:
-        if not (args.scheme or args.preset):
-            ap.error("--shape needs --scheme")
-        shape, label = MoEShape.parse(args.shape), f"custom {args.shape}"
-        scheme = Scheme.parse(args.scheme) if args.scheme else PRESETS[args.preset].scheme
-    elif args.preset:
-        preset, label = PRESETS[args.preset], args.preset
-        shape = preset.shape
-        scheme = Scheme.parse(args.scheme) if args.scheme else preset.scheme
-    else:
-        ap.error("give --preset or --shape")
+    try:
+        shape, scheme, layer = resolve_layer(args)
+    except ValueError as exc:
+        ap.error(str(exc))
     moe = FusedMoE(shape, scheme, "cuda", max_tokens=max(args.tokens), pdl=False)
-    moe_pdl = FusedMoE(shape, scheme, "cuda", max_tokens=max(args.tokens))
-    stock = None if args.no_stock else get_stock_provider("cuda")
+    if not args.plain_calls:  # what the timed mode compares with
+        moe_pdl = FusedMoE(shape, scheme, "cuda", max_tokens=max(args.tokens))
+        stock = None if args.no_stock else get_stock_provider("cuda")
     for M in args.tokens:
         p = make_problem(shape, scheme, M, "cuda", seed=M)
         out = torch.empty(M, shape.K, dtype=torch.bfloat16, device="cuda")
@@ -94,7 +91,7 @@ def main() -> int:
             graph = f"graph {time_graph([fn]).us:.1f} us"
             if fn_pdl is not None:
                 graph += f" without PDL, {time_graph([fn_pdl]).us:.1f} us with PDL"
-            print(f"\n{label} M={M} {name}: {total:9.1f} us of kernels per call; "
+            print(f"\n{layer} ({shape}) M={M} {name}: {total:9.1f} us of kernels per call; "
                   f"{graph} (one input set, L2 warm)")
             for k, n, us in rows:
                 print(f"  {us:9.1f} us  {100 * us / total:5.1f}%  x{n:<3d} {k}")
