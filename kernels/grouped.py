@@ -23,12 +23,11 @@ QBLOCK: tl.constexpr = tl.constexpr(128)
 def moe_grouped_stage1(
     xq_ptr, a_scale_ptr, a13_static_ptr, w13_ptr, w13_scale_ptr, a2_static_ptr,
     sorted_ids_ptr, block_expert_ptr, total_ptr, actq_ptr, act_scale_ptr,
-    stage_ptr, stage_scale_ptr, row_done_ptr,
     N, K, topk, num_pairs,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PER_CHANNEL: tl.constexpr, STATIC: tl.constexpr, PROMOTE: tl.constexpr,
     FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr, USE_GDC: tl.constexpr,
-    BLOCK_SCALES: tl.constexpr = False, ROW_REQUANT: tl.constexpr = False,
+    BLOCK_SCALES: tl.constexpr = False,
 ):
     """act_q[row] = q2(silu(x W_gate^T) * (x W_up^T)) for one BLOCK_M block of sorted rows and
     one BLOCK_N tile of N.
@@ -47,25 +46,10 @@ def moe_grouped_stage1(
     K/128 + kb]``) and its columns' weight-block scales (``w13_scale[e, n/128, kb]``) before it
     is added, i.e. always promoted; the intermediate is re-quantised per (row, N tile) with
     vLLM's group scale.
-
-    ROW_REQUANT (dynamic schemes, any N): one scale per row however many tiles N spans, so
-    that any per-row stage 2 (in-place MMA accumulation) serves wide layers. Each program
-    stages its tile (``stage``, with its scales per row in ``stage_scale[row * tiles +
-    tile]``); the last of a row block's tile programs to finish (``row_done``, one counter
-    per row block) re-quantises the block's rows with the largest of their tiles' scales,
-    writes ``actq`` and ``act_scale[row]``, and zeroes its counter for the next call.
-    Programs run in (row block, N tile) order so the staged rows are still in L2 when the
-    last one reads them back.
     """
     _chain(USE_GDC)
-    if ROW_REQUANT:
-        tiles = tl.num_programs(1)
-        launched = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
-        b = launched // tiles
-        pid_n = launched % tiles
-    else:
-        b = tl.program_id(0)
-        pid_n = tl.program_id(1)
+    b = tl.program_id(0)
+    pid_n = tl.program_id(1)
     if b * BLOCK_M >= tl.load(total_ptr):
         return
     e = tl.load(block_expert_ptr + b).to(tl.int64)
@@ -128,11 +112,7 @@ def moe_grouped_stage1(
         acc_g = acc_g * ws
         acc_u = acc_u * ws
     act = _silu_mul(acc_g, acc_u)
-    if ROW_REQUANT:
-        _stage_rows(act, b, offs_m, valid, offs_n, mask_n, pid_n, N, stage_ptr,
-                    stage_scale_ptr, row_done_ptr, actq_ptr, act_scale_ptr, BLOCK_N, FP8_MAX,
-                    EXACT_CAST)
-    elif STATIC:
+    if STATIC:
         s2 = tl.load(a2_static_ptr)
         q = _to_fp8(act / s2, actq_ptr.dtype.element_ty, FP8_MAX, EXACT_CAST)
     else:
@@ -146,52 +126,8 @@ def moe_grouped_stage1(
         tl.store(act_scale_ptr + offs_m.to(tl.int64) * tl.cdiv(N, BLOCK_N) + pid_n, s2,
                  mask=valid)
         q = _to_fp8(act / s2[:, None], actq_ptr.dtype.element_ty, FP8_MAX, EXACT_CAST)
-    if not ROW_REQUANT:
-        dst = actq_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.store(dst, q, mask=valid[:, None] & mask_n[None, :])
-
-
-@triton.jit
-def _stage_rows(act, b, offs_m, valid, offs_n, mask_n, pid_n, N, stage_ptr, stage_scale_ptr,
-                row_done_ptr, actq_ptr, act_scale_ptr, BLOCK_N: tl.constexpr,
-                FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr):
-    """Stage 1's ROW_REQUANT epilogue: stage this tile, and re-quantise the row block if this
-    program is its last tile to finish.
-
-    The tile is staged in fp32 with its rows' dynamic scales (``s_tile``; a row's scale is
-    the largest of its tiles'), so the fp8 values are exactly those of a per-row kernel: a
-    16-bit staging rounds twice, and on the CPU that changed enough fp8 roundings to raise
-    the error against the reference by 30-100% (bf16: 2.5% of the values, 2x the error)."""
-    tiles = tl.num_programs(1)
-    keep = valid[:, None] & mask_n[None, :]
-    rows = offs_m.to(tl.int64)[:, None] * N
-    amax = tl.max(tl.where(keep, tl.abs(act), 0.0), axis=1)
-    nan = tl.max(tl.where(keep & (act != act), 1, 0), axis=1) > 0
-    s_tile = _row_scale(amax, nan, FP8_MAX)
-    srow = stage_scale_ptr + offs_m.to(tl.int64) * tiles
-    tl.store(srow + pid_n, s_tile, mask=valid)
-    tl.store(stage_ptr + rows + offs_n[None, :], act, mask=keep)
-    # every thread's stores before the one release below (the split-K semaphore's pattern:
-    # a barrier, then one thread's release at GPU scope)
-    tl.debug_barrier()
-    done = tl.atomic_add(row_done_ptr + b, 1, sem="acq_rel", scope="gpu")
-    if done == tiles - 1:
-        # the row block's other tiles are staged and visible: one scale per row, the largest
-        # of its tiles' (L2 loads: other programs wrote them)
-        s = tl.load(srow, mask=valid, other=1.0, cache_modifier=".cg")
-        for t in range(1, tiles):
-            s = tl.maximum(s, tl.load(srow + t, mask=valid, other=1.0, cache_modifier=".cg"),
-                           propagate_nan=tl.PropagateNan.ALL)
-        tl.store(act_scale_ptr + offs_m, s, mask=valid)
-        cols = tl.arange(0, BLOCK_N)
-        for n0 in range(0, N, BLOCK_N):
-            offs = n0 + cols
-            m = valid[:, None] & (offs < N)[None, :]
-            v = tl.load(stage_ptr + rows + offs[None, :], mask=m, other=0.0,
-                        cache_modifier=".cg")
-            q = _to_fp8(v / s[:, None], actq_ptr.dtype.element_ty, FP8_MAX, EXACT_CAST)
-            tl.store(actq_ptr + rows + offs[None, :], q, mask=m)
-        tl.store(row_done_ptr + b, 0)
+    dst = actq_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(dst, q, mask=valid[:, None] & mask_n[None, :])
 
 
 @triton.jit

@@ -171,12 +171,10 @@ class GroupedStage1Tile:
     bk: int
     warps: int
     stages: int
-    #: one intermediate scale per row at any N (ROW_REQUANT): per-row stage 2 tiles only
-    row_requant: bool = False
 
     def kernel(self, scheme: str, promote: bool) -> str:
         return (f"grp_s1_{_SHORT[scheme]}_m{self.bm}_n{self.bn}_k{self.bk}"
-                + ("_rq" if self.row_requant else "") + ("" if promote else "_fa"))
+                + ("" if promote else "_fa"))
 
 
 @dataclass(frozen=True)
@@ -230,10 +228,6 @@ S1_TILES = (
     GroupedStage1Tile("m64n64", 64, 64, 128, 4, 3),
     GroupedStage1Tile("m64n256", 64, 256, 128, 8, 3),
     GroupedStage1Tile("m128", 128, 128, 128, 8, 3),
-    # wide dynamic layers: the m64n256 tile re-quantising each row once across its tiles, so
-    # the in-place per-row stage 2 serves them (the per-tile scales' stage 2 scales every
-    # chunk's MMA result: 466-490 TFLOP/s against stage 1's 762 at N = 2048, 2026-12-03)
-    GroupedStage1Tile("m64n256rq", 64, 256, 128, 8, 3, row_requant=True),
 )
 # (stage-1 BLOCK_M, stage-2 kind) -> stage-2 tile
 S2_TILES = {
@@ -248,10 +242,6 @@ S2_TILES = {
     (64, "loop4"): GroupedStage2Tile(128, 64, 4, 3, k_split=4),
     # N = 128 in one MMA chunk (Qwen): no chunk loop, one epilogue per MMA
     (64, "loop4n128"): GroupedStage2Tile(128, 128, 4, 3, k_split=4),
-    # ... K-first, and with 256 output columns: the per-row forms of wloop4n128kf and
-    # wloop4k256kf, for the re-quantising stage 1 at wide N (ROW_REQUANT_KINDS)
-    (64, "loop4n128kf"): GroupedStage2Tile(128, 128, 4, 3, k_split=4, k_first=True),
-    (64, "loop4k256kf"): GroupedStage2Tile(256, 128, 8, 3, k_split=4, k_first=True),
     # the faster BLOCK_M=128 stage 1 feeding the faster BLOCK_M=64 looped stage 2
     (128, "loop4m64"): GroupedStage2Tile(128, 64, 4, 3, k_split=4, bm=64),
     # the intermediate tile loaded once per program (N <= 128: Qwen; N <= 256: Hy3)
@@ -313,10 +303,7 @@ MODES = (Mode("std", False), Mode("atomic", False), Mode("std", True), Mode("k25
          Mode("wloop4n128", True), Mode("wloop4m64", True), Mode("wloop4m64n128", True),
          Mode("wstd", False), Mode("wstd", True), Mode("wloop4n128", False),
          Mode("wloop4m64", False), Mode("wloop4m64n128", False), Mode("wloop4k256", True),
-         Mode("wloop4n256", True), Mode("wloop4n128kf", True), Mode("wloop4k256kf", True),
-         Mode("loop4n128kf", True), Mode("loop4k256kf", True))
-#: stage-2 kinds built only after a ROW_REQUANT stage 1 (wide layers' tiles)
-ROW_REQUANT_KINDS = {"loop4n128kf", "loop4k256kf"}
+         Mode("wloop4n256", True), Mode("wloop4n128kf", True), Mode("wloop4k256kf", True))
 #: modes built for block FP8 only: its stage 1 always promotes, and these tiles (N = 128 in one
 #: chunk, the BLOCK_M=128 stage 1) lost to their fastacc forms for every other scheme
 BLOCK_ONLY_MODES = {Mode("wloop4n128", False), Mode("wloop4m64", False),
@@ -327,8 +314,7 @@ BLOCK_ONLY_MODES = {Mode("wloop4n128", False), Mode("wloop4m64", False),
 FASTACC_TILES: dict[str, set[str] | None] = {
     "m64": None, "m64n64": None, "m128": None,
     "m64n256": {"loop4", "res4n256", "wloop4", "wloop4n128", "wloop4k256", "wloop4n256",
-                "wloop4n128kf", "wloop4k256kf"},
-    "m64n256rq": {"loop4n128", *ROW_REQUANT_KINDS}}
+                "wloop4n128kf", "wloop4k256kf"}}
 
 
 def _prep_name(static: bool, zero_acc: bool, group: bool = False) -> str:
@@ -439,23 +425,17 @@ def grouped_stage1_spec(t: GroupedStage1Tile, scheme: str, promote: bool) -> Ker
                    "w13_scale_ptr": "*fp32", "a2_static_ptr": "*fp32",
                    "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32",
                    "total_ptr": "*i32", "actq_ptr": FP8_PTR, "act_scale_ptr": "*fp32",
-                   "stage_ptr": "*fp32", "stage_scale_ptr": "*fp32",
-                   "row_done_ptr": "*i32",
                    "N": "i32", "K": "i32", "topk": "i32", "num_pairs": "i32"},
         constexprs={"BLOCK_M": t.bm, "BLOCK_N": t.bn, "BLOCK_K": t.bk,
                     "PER_CHANNEL": f.per_channel, "STATIC": f.static, "PROMOTE": promote,
                     "FP8_MAX": FP8_MAX, "EXACT_CAST": False, "USE_GDC": ON_CUDA,
-                    "BLOCK_SCALES": f.block, "ROW_REQUANT": t.row_requant},
-        divisible_by_16=("xq_ptr", "w13_ptr", "actq_ptr", "stage_ptr", *_ALIGN16),
+                    "BLOCK_SCALES": f.block},
+        divisible_by_16=("xq_ptr", "w13_ptr", "actq_ptr", *_ALIGN16),
         num_warps=t.warps, num_stages=t.stages)
 
 
 def _built(t: GroupedStage1Tile, mode: Mode) -> bool:
     if (t.bm, mode.kind) not in S2_TILES:
-        return False
-    if mode.kind in ROW_REQUANT_KINDS and not t.row_requant:
-        return False
-    if t.row_requant and not mode.fastacc:
         return False
     if not mode.fastacc:
         return True
@@ -493,8 +473,6 @@ def grouped_space() -> tuple[list[KernelSpec], list[Variant]]:
                     continue
                 if s2.tile_scales and (static or t.bn % s2.bn):
                     continue  # static scales are per tensor; a chunk may not straddle tiles
-                if t.row_requant and (static or f.block):
-                    continue  # re-quantising per row is for the dynamic per-row schemes
                 spec = s1_specs.setdefault(t.kernel(scheme, promote),
                                            grouped_stage1_spec(t, scheme, promote))
                 if s2.tile_scales:
@@ -509,7 +487,7 @@ def grouped_space() -> tuple[list[KernelSpec], list[Variant]]:
                     Role.ALIGN: _align_name(t.bm),
                     Role.SCATTER: SCATTER, Role.STAGE1: spec.name,
                     Role.STAGE2: s2_name, Role.REDUCE: _reduce_name(s2.atomic)}
-                if not static and not s2.tile_scales and not t.row_requant:
+                if not static and not s2.tile_scales:
                     max_n[scheme] = t.bn  # one scale per row: the whole row in one tile
                 if s2.resident:
                     max_n[scheme] = min(max_n.get(scheme, 1 << 30), s2.bn)

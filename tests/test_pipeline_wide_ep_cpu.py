@@ -51,56 +51,6 @@ def test_per_tile_scales_follow_the_tiles_not_the_row():
     assert not gate(out, row_ref, rel_fro_max=1e-3, mean_rel_abs_max=1e-3).passed
 
 
-#: variants whose stage 1 re-quantises each row once across its N tiles (ROW_REQUANT)
-ROW_REQUANT = ("grouped_m64n256rq_fastacc_loop4n128", "grouped_m64n256rq_fastacc_loop4n128kf",
-               "grouped_m64n256rq_fastacc_loop4k256kf")
-
-
-@pytest.mark.parametrize("scheme", DYNAMIC, ids=lambda s: s.value)
-@pytest.mark.parametrize("N", [160, 288, 640], ids=lambda n: f"N{n}")
-def test_row_requant_any_n(scheme, N):
-    """One 256 tile (N = 160), one tile + 32, three tiles with a masked last one: one scale
-    per row (act_group 0), against the per-row float64 reference; twice, so the second call
-    relies on the first having re-zeroed the row blocks' counters."""
-    shape = MoEShape(E=4, K=128, N=N, topk=2)
-    moe = FusedMoE(shape, scheme, "cpu", max_tokens=16)
-    for v in ROW_REQUANT:
-        assert v in moe.variants, moe.skipped.get(v)
-        assert moe.act_group(v) == 0
-        for M, seed in ((9, N), (13, N + 1)):
-            p = make(shape, scheme, M, seed=seed)
-            check(moe, v, p, run(moe, v, p))
-        assert int(moe.ws.row_done.abs().sum()) == 0
-
-
-def test_row_requant_scales_follow_the_row():
-    """The per-tile test's problem (a huge column in the second tile): the re-quantising
-    variant matches the per-row reference and not the per-tile one."""
-    shape = MoEShape(E=2, K=128, N=288, topk=1)
-    scheme = Scheme.FP8_PTPC
-    moe = FusedMoE(shape, scheme, "cpu", max_tokens=8)
-    p = make(shape, scheme, 4, seed=7)
-    p["w13_scale"][:, 270] *= 1e4  # gate channel 270 (tile 2) dominates its rows' amax
-    v = ROW_REQUANT[0]
-    out = run(moe, v, p)
-    check(moe, v, p, out)
-    from vllm_moe_aot.measure.reference import gate, reference_moe
-    tile_ref = reference_moe(p["x"], p["w13"], p["w2"], p["w13_scale"], p["w2_scale"],
-                             p["topk_weights"], p["topk_ids"], scheme, act_group=256)
-    assert not gate(out, tile_ref, rel_fro_max=1e-3, mean_rel_abs_max=1e-3).passed
-
-
-def test_row_requant_nan_row_propagates():
-    shape = MoEShape(E=4, K=128, N=640, topk=2)
-    moe = FusedMoE(shape, Scheme.FP8_PTPC, "cpu", max_tokens=8)
-    p = make(shape, Scheme.FP8_PTPC, 6, seed=3)
-    p["x"][1, 7] = float("nan")
-    out = run(moe, ROW_REQUANT[0], p)
-    assert torch.isfinite(out[[0, 2, 3, 4, 5]].float()).all(), "clean rows must stay finite"
-    assert not torch.isfinite(out[1].float()).all(), "a NaN row must propagate"
-    assert int(moe.ws.row_done.abs().sum()) == 0
-
-
 def test_narrow_variants_keep_their_n_bound():
     """Variants with one scale per row still refuse N past their stage-1 tile."""
     moe = FusedMoE(MoEShape(E=4, K=128, N=160, topk=2), Scheme.FP8_PTPC, "cpu", max_tokens=4)

@@ -70,31 +70,23 @@ class Workspace:
     """Every intermediate buffer of both regimes for up to ``tokens`` tokens.
 
     Invariant kept by the grouped regime: ``counts`` is all zeros between calls (it is zeroed
-    here once, and the scatter kernel re-zeroes it after align has consumed it); so is
-    ``row_done`` (a ROW_REQUANT stage 1's last program of each row block re-zeroes its
-    counter).
+    here once, and the scatter kernel re-zeroes it after align has consumed it).
     """
 
-    #: the buffers allocated zeroed, for the invariant above
-    ZEROED = ("counts", "row_done")
-
     def __init__(self, shape: MoEShape, device: torch.device, tokens: int, max_block_m: int,
-                 fp8: torch.dtype, scale_tiles: int = 1, x_groups: int = 1,
-                 staged: bool = False):
+                 fp8: torch.dtype, scale_tiles: int = 1, x_groups: int = 1):
         self.tokens = tokens
         for name, (dims, dtype) in self.buffers(shape, tokens, max_block_m, fp8, scale_tiles,
-                                                x_groups, staged).items():
-            alloc = torch.zeros if name in self.ZEROED else torch.empty
+                                                x_groups).items():
+            alloc = torch.zeros if name == "counts" else torch.empty
             setattr(self, name, alloc(dims, dtype=dtype, device=device))
 
     @staticmethod
     def buffers(shape: MoEShape, tokens: int, max_block_m: int, fp8: torch.dtype,
-                scale_tiles: int = 1, x_groups: int = 1, staged: bool = False
+                scale_tiles: int = 1, x_groups: int = 1
                 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name -> (shape, dtype) of every buffer: the one statement of what a workspace holds
-        (``__init__`` allocates it, :meth:`nbytes` sums it). ``staged``: some variant's stage 1
-        re-quantises per row across its N tiles (ROW_REQUANT) and stages the
-        intermediate; otherwise its buffers take one element each."""
+        (``__init__`` allocates it, :meth:`nbytes` sums it)."""
         E, K, N = shape.E, shape.K, shape.N
         pairs = tokens * shape.topk
         # sorted rows of the grouped regime: every pair, plus each used expert's padding
@@ -113,32 +105,26 @@ class Workspace:
             "actq": ((rows, N), fp8),
             # one scale per (row, stage-1 N tile) under the dynamic schemes
             "act_scale": ((rows * scale_tiles,), f32),
-            # a ROW_REQUANT stage 1's staged intermediate (fp32), its scales per (row, N
-            # tile), and tiles done per row block
-            "stage": ((rows, N) if staged else (1,), f32),
-            "stage_scale": ((rows * scale_tiles if staged else 1,), f32),
-            "row_done": ((_cdiv(rows, 16) if staged else 1,), i32),
             "partial": ((pairs, K), torch.bfloat16),
             "acc": ((tokens, K), f32),  # the atomic stage 2's accumulator
         }
 
     @classmethod
     def nbytes(cls, shape: MoEShape, tokens: int, max_block_m: int, scale_tiles: int = 1,
-               x_groups: int = 1, staged: bool = False) -> int:
+               x_groups: int = 1) -> int:
         """What :class:`Workspace` allocates for ``tokens``."""
         return sum(math.prod(dims) * dtype.itemsize for dims, dtype in cls.buffers(
-            shape, tokens, max_block_m, torch.float8_e4m3fn, scale_tiles, x_groups,
-            staged).values())
+            shape, tokens, max_block_m, torch.float8_e4m3fn, scale_tiles, x_groups).values())
 
     @classmethod
     def chunk_tokens(cls, shape: MoEShape, max_tokens: int, max_block_m: int,
-                     scale_tiles: int = 1, x_groups: int = 1, staged: bool = False,
+                     scale_tiles: int = 1, x_groups: int = 1,
                      budget: int = WORKSPACE_BUDGET_BYTES) -> int:
         """The token chunk for a pipeline asked for ``max_tokens``: at most MAX_CHUNK_TOKENS,
         halved (not below MIN_CHUNK_TOKENS) while the workspace would pass ``budget``."""
         tokens = min(max_tokens, MAX_CHUNK_TOKENS)
         while tokens > MIN_CHUNK_TOKENS and \
-                cls.nbytes(shape, tokens, max_block_m, scale_tiles, x_groups, staged) > budget:
+                cls.nbytes(shape, tokens, max_block_m, scale_tiles, x_groups) > budget:
             tokens = max(MIN_CHUNK_TOKENS, 1 << ((tokens - 1).bit_length() - 1))
         return tokens
 
@@ -206,10 +192,8 @@ class FusedMoE:
         tiles = _cdiv(shape.N, min(s1_bn)) if s1_bn and not scheme.static_activations else 1
         # block FP8 quantises x per 128-column group
         groups = shape.K // WEIGHT_BLOCK[1] if scheme.block_weights else 1
-        staged = any(st[Role.STAGE1].consts.get("ROW_REQUANT") for st in self._stages.values())
-        self.chunk = Workspace.chunk_tokens(shape, max_tokens, max_bm, tiles, groups, staged)
-        self.ws = Workspace(shape, self.device, self.chunk, max_bm, self.fp8, tiles, groups,
-                            staged)
+        self.chunk = Workspace.chunk_tokens(shape, max_tokens, max_bm, tiles, groups)
+        self.ws = Workspace(shape, self.device, self.chunk, max_bm, self.fp8, tiles, groups)
         #: the weight scales ``run`` takes (their element counts are checked)
         self.scale_shapes = weight_scale_shapes(shape, scheme)
 
@@ -343,8 +327,7 @@ class FusedMoE:
         s1.kernel.launch((blocks, _cdiv(s.N, s1.consts["BLOCK_N"]), 1),
                          xq_ptr=ws.xq, a_scale_ptr=ws.a_scale, a13_static_ptr=a13,
                          w13_ptr=w13, w13_scale_ptr=w13_scale, a2_static_ptr=a2, **rows,
-                         actq_ptr=ws.actq, act_scale_ptr=ws.act_scale, stage_ptr=ws.stage,
-                         stage_scale_ptr=ws.stage_scale, row_done_ptr=ws.row_done, **dims,
+                         actq_ptr=ws.actq, act_scale_ptr=ws.act_scale, **dims,
                          pdl=pdl[Role.STAGE1])
         s2 = st[Role.STAGE2]
         # the looped stage 2 walks its K tiles itself: K_SPLIT programs per row block
