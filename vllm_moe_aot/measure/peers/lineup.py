@@ -118,15 +118,14 @@ def _vllm_cutlass(dev: torch.device, scheme: Scheme) -> tuple[Peer | None, str]:
 
 
 def _torch(dev: torch.device, scheme: Scheme, name: str) -> tuple[Peer | None, str]:
+    from vllm_moe_aot import library_gemm
     from vllm_moe_aot.measure.peers.torch_grouped import GroupedGemmBound, TorchGroupedMoE
 
     if scheme.block_weights:
         return None, "torch._scaled_grouped_mm takes row-wise scales, not 128x128 blocks"
-    if not hasattr(torch, "_scaled_grouped_mm"):
-        return None, "this torch has no torch._scaled_grouped_mm"
-    major, _minor = torch.cuda.get_device_capability(dev)
-    if major != 9:
-        return None, f"torch._scaled_grouped_mm serves sm_90 only (this GPU: sm_{major}x)"
+    why = library_gemm.unavailable_reason(dev)
+    if why is not None:
+        return None, why
     if name == "torch_grouped":
         return Peer(name, "torch", TorchGroupedMoE(scheme).bind), ""
     return Peer(name, "torch", GroupedGemmBound(scheme).bind, gated=False), ""

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from vllm_moe_aot.library_gemm import grouped_mm as _grouped_mm
 from vllm_moe_aot.measure.workload import MoEProblem
 from vllm_moe_aot.shapes import Scheme
 
@@ -42,25 +43,6 @@ def _quant_rows(t: torch.Tensor, static_scale: torch.Tensor | None, fp8: torch.d
         scale = torch.clamp(amax / m, min=1.0 / (m * 512.0))
     q = (t.float() / scale[:, None]).clamp(-m, m).to(fp8)
     return q, scale.contiguous()
-
-
-def _grouped_mm(a: torch.Tensor, b_t: torch.Tensor, scale_a: torch.Tensor,
-                scale_b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """bf16 ``[R, cols]`` = (a * scale_a) @ (b_t * scale_b) per expert group of rows.
-
-    ``a`` fp8 [R, K] sorted by expert, ``b_t`` fp8 [E, K, cols] (a transposed view of the
-    checkpoint's [E, cols, K]), ``scale_b`` fp32 [E, cols], ``offs`` int32 [E] group ends."""
-    if a.is_cuda:
-        return torch._scaled_grouped_mm(a, b_t, scale_a, scale_b, offs=offs,
-                                        out_dtype=torch.bfloat16, use_fast_accum=True)
-    out = torch.empty(a.shape[0], b_t.shape[-1], dtype=torch.bfloat16, device=a.device)
-    start = 0
-    for e, end in enumerate(offs.tolist()):
-        if end > start:
-            lhs = a[start:end].float() * scale_a[start:end, None]
-            out[start:end] = (lhs @ (b_t[e].float() * scale_b[e][None, :])).to(torch.bfloat16)
-        start = end
-    return out
 
 
 def _row_scales(scheme: Scheme, w13: torch.Tensor, s13: torch.Tensor, s2: torch.Tensor
