@@ -529,7 +529,7 @@ def grouped_mm_space() -> tuple[list[KernelSpec], list[Variant]]:
                        "sorted_ids_ptr": "*i32", "total_ptr": "*i32", "rows_ptr": FP8_PTR,
                        "row_scale_ptr": "*fp32", "row_of_ptr": "*i32", "K": "i32",
                        "topk": "i32", "num_pairs": "i32"},
-            constexprs={"BLOCK_K": 1024, "STATIC": static, "USE_GDC": ON_CUDA},
+            constexprs={"BLOCK_R": 16, "BLOCK_K": 256, "STATIC": static, "USE_GDC": ON_CUDA},
             divisible_by_16=("xq_ptr", "rows_ptr", "K"), num_warps=4, num_stages=1))
         specs.append(KernelSpec(
             name=f"mm_silu_quant_{kind}", source="kernels.grouped_mm:moe_mm_silu_quant",
@@ -537,14 +537,14 @@ def grouped_mm_space() -> tuple[list[KernelSpec], list[Variant]]:
             signature={"h_ptr": "*bf16", "a2_static_ptr": "*fp32", "sorted_ids_ptr": "*i32",
                        "total_ptr": "*i32", "actq_ptr": FP8_PTR, "act_scale_ptr": "*fp32",
                        "N": "i32", "num_pairs": "i32"},
-            constexprs={"BLOCK_N": 1024, "STATIC": static, "FP8_MAX": FP8_MAX,
+            constexprs={"BLOCK_R": 8, "BLOCK_N": 256, "STATIC": static, "FP8_MAX": FP8_MAX,
                         "EXACT_CAST": False, "USE_GDC": ON_CUDA},
             divisible_by_16=("h_ptr", "actq_ptr", "N"), num_warps=4, num_stages=1))
     specs.append(KernelSpec(
         name="mm_reduce", source="kernels.grouped_mm:moe_mm_reduce", family="mm_reduce",
         signature={"y_ptr": "*bf16", "row_of_ptr": "*i32", "topk_weights_ptr": "*fp32",
                    "topk_ids_ptr": "*i32", "out_ptr": "*bf16", "K": "i32", "topk": "i32"},
-        constexprs={"BLOCK_K": 1024, "USE_GDC": ON_CUDA},
+        constexprs={"BLOCK_K": 512, "TOPK_PAD": TOPK_PAD, "USE_GDC": ON_CUDA},
         divisible_by_16=("y_ptr", "out_ptr", "K"), num_warps=4, num_stages=1))
     kernels = {}
     for scheme, f in SCHEME_FLAGS.items():

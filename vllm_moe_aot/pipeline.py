@@ -386,20 +386,19 @@ class FusedMoE:
         pairs, bm, blocks, pdl, rows = self._route(st, x, ids, a13)
         # the sorted rows' upper bound (rows past the last group end idle)
         R = min(blocks * bm, ws.actq.shape[0])
-        st[Role.GATHER].kernel.launch((R, 1, 1), xq_ptr=ws.xq, a_scale_ptr=ws.a_scale,
-                                      static_scale_ptr=a13, sorted_ids_ptr=ws.sorted_ids,
-                                      total_ptr=ws.total, rows_ptr=ws.rows,
-                                      row_scale_ptr=ws.row_scale, row_of_ptr=ws.row_of,
-                                      K=s.K, topk=s.topk, num_pairs=pairs,
-                                      pdl=pdl[Role.GATHER])
+        ga, act = st[Role.GATHER], st[Role.ACTIVATION]
+        ga.kernel.launch((_cdiv(R, ga.consts["BLOCK_R"]), 1, 1), xq_ptr=ws.xq,
+                         a_scale_ptr=ws.a_scale, static_scale_ptr=a13,
+                         sorted_ids_ptr=ws.sorted_ids, total_ptr=ws.total, rows_ptr=ws.rows,
+                         row_scale_ptr=ws.row_scale, row_of_ptr=ws.row_of, K=s.K,
+                         topk=s.topk, num_pairs=pairs, pdl=pdl[Role.GATHER])
         s13, s2 = self._row_scales(w13_scale, w2_scale)
         h = library_gemm.grouped_mm(ws.rows[:R], w13.transpose(-2, -1), ws.row_scale[:R], s13,
                                     ws.cursor)
         # after a library kernel: a plain launch (PDL overlaps only our own chain)
-        st[Role.ACTIVATION].kernel.launch((R, 1, 1), h_ptr=h, a2_static_ptr=a2,
-                                          sorted_ids_ptr=ws.sorted_ids, total_ptr=ws.total,
-                                          actq_ptr=ws.actq, act_scale_ptr=ws.act_scale,
-                                          N=s.N, num_pairs=pairs)
+        act.kernel.launch((_cdiv(R, act.consts["BLOCK_R"]), 1, 1), h_ptr=h, a2_static_ptr=a2,
+                          sorted_ids_ptr=ws.sorted_ids, total_ptr=ws.total, actq_ptr=ws.actq,
+                          act_scale_ptr=ws.act_scale, N=s.N, num_pairs=pairs)
         y = library_gemm.grouped_mm(ws.actq[:R], w2.transpose(-2, -1), ws.act_scale[:R], s2,
                                     ws.cursor)
         red = st[Role.REDUCE]
