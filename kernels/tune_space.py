@@ -1,12 +1,10 @@
 """The tune space: every fused-MoE kernel spec the AOT build compiles and the variants of them.
 
-Three regimes (see the kernel modules for what each kernel does):
+Two regimes (see the kernel modules for what each kernel does):
 
 ``gemv`` (single token and decode): :mod:`kernels.gemv` stage 1 and stage 2.
 ``grouped`` (prefill): :mod:`kernels.routing` (prep, align, scatter), :mod:`kernels.grouped`
 (stage 1, stage 2 in three forms), :mod:`kernels.reduce`.
-``grouped_mm`` (large prefill): the grouped routing, :mod:`kernels.grouped_mm` (gather,
-SiLU-and-quantise, reduce) around the library's two grouped GEMMs.
 
 Every kernel and variant name is built from the fields of its tile (``*.part``); nothing is
 derived by editing another name.
@@ -505,70 +503,10 @@ def grouped_space() -> tuple[list[KernelSpec], list[Variant]]:
     return list(s1_specs.values()) + list(s2_specs.values()), variants
 
 
-# ------------------------------------------------------------------------------- grouped_mm
-#: the grouped routing's row block for the library GEMMs: the smallest align (least padding)
-MM_ALIGN = 16
-MM_VARIANT = "grouped_mm"
-
-
-def _mm_kind(static: bool) -> str:
-    return "static" if static else "dyn"
-
-
-def grouped_mm_space() -> tuple[list[KernelSpec], list[Variant]]:
-    """The glue kernels of the ``grouped_mm`` regime (:mod:`kernels.grouped_mm`) and its one
-    variant: every scheme with per-tensor or per-channel weight scales (the library GEMM
-    takes row-wise scales, not 128 x 128 blocks)."""
-    specs: list[KernelSpec] = []
-    for static in (False, True):
-        kind = _mm_kind(static)
-        specs.append(KernelSpec(
-            name=f"mm_gather_{kind}", source="kernels.grouped_mm:moe_mm_gather",
-            family="mm_gather",
-            signature={"xq_ptr": FP8_PTR, "a_scale_ptr": "*fp32", "static_scale_ptr": "*fp32",
-                       "sorted_ids_ptr": "*i32", "total_ptr": "*i32", "rows_ptr": FP8_PTR,
-                       "row_scale_ptr": "*fp32", "row_of_ptr": "*i32", "K": "i32",
-                       "topk": "i32", "num_pairs": "i32"},
-            constexprs={"BLOCK_R": 16, "BLOCK_K": 256, "STATIC": static, "USE_GDC": ON_CUDA},
-            divisible_by_16=("xq_ptr", "rows_ptr", "K"), num_warps=4, num_stages=1))
-        specs.append(KernelSpec(
-            name=f"mm_silu_quant_{kind}", source="kernels.grouped_mm:moe_mm_silu_quant",
-            family="mm_activation",
-            signature={"h_ptr": "*bf16", "a2_static_ptr": "*fp32", "sorted_ids_ptr": "*i32",
-                       "total_ptr": "*i32", "actq_ptr": FP8_PTR, "act_scale_ptr": "*fp32",
-                       "N": "i32", "num_pairs": "i32"},
-            constexprs={"BLOCK_R": 8, "BLOCK_N": 256, "STATIC": static, "FP8_MAX": FP8_MAX,
-                        "EXACT_CAST": False, "USE_GDC": ON_CUDA},
-            divisible_by_16=("h_ptr", "actq_ptr", "N"), num_warps=4, num_stages=1))
-    specs.append(KernelSpec(
-        name="mm_reduce", source="kernels.grouped_mm:moe_mm_reduce", family="mm_reduce",
-        signature={"y_ptr": "*bf16", "row_of_ptr": "*i32", "topk_weights_ptr": "*fp32",
-                   "topk_ids_ptr": "*i32", "out_ptr": "*bf16", "K": "i32", "topk": "i32"},
-        constexprs={"BLOCK_K": 512, "TOPK_PAD": TOPK_PAD, "USE_GDC": ON_CUDA},
-        divisible_by_16=("y_ptr", "out_ptr", "K"), num_warps=4, num_stages=1))
-    kernels = {}
-    for scheme, f in SCHEME_FLAGS.items():
-        if f.block:
-            continue
-        kind = _mm_kind(f.static)
-        kernels[scheme] = {Role.PREP: _prep_name(f.static, False), Role.ALIGN:
-                           _align_name(MM_ALIGN), Role.SCATTER: SCATTER,
-                           Role.GATHER: f"mm_gather_{kind}",
-                           Role.ACTIVATION: f"mm_silu_quant_{kind}", Role.REDUCE: "mm_reduce"}
-    # the library's fast-accumulation fp8 MMA over all of K: the product gate, like the
-    # fastacc grouped variants and vLLM's stock kernel
-    variant = Variant(name=MM_VARIANT, regime=Regime.GROUPED_MM, kernels=kernels,
-                      quantize_activations=True, max_topk=TOPK_PAD, tolerance=GATE_TOLERANCE,
-                      block_m=MM_ALIGN)
-    return specs, [variant]
-
-
 def tune_space() -> tuple[list[KernelSpec], list[Variant]]:
     g_specs, g_vars = grouped_space()
-    mm_specs, mm_vars = grouped_mm_space()
-    specs = (gemv_specs() + routing_specs() + reduce_specs() + grouped_stage2_specs() + g_specs
-             + mm_specs)
-    return specs, gemv_variants() + g_vars + mm_vars
+    specs = gemv_specs() + routing_specs() + reduce_specs() + grouped_stage2_specs() + g_specs
+    return specs, gemv_variants() + g_vars
 
 
 SPECS, VARIANTS = tune_space()

@@ -170,10 +170,6 @@ class Role(str, enum.Enum):
     STAGE1 = "stage1"
     STAGE2 = "stage2"
     REDUCE = "reduce"
-    #: grouped_mm: sorted rows of the quantised tokens, between routing and the first GEMM
-    GATHER = "gather"
-    #: grouped_mm: SiLU-and-mul and re-quantisation between the two library GEMMs
-    ACTIVATION = "activation"
 
 
 class Regime(str, enum.Enum):
@@ -181,18 +177,12 @@ class Regime(str, enum.Enum):
     GEMV = "gemv"
     #: prefill: routing (prep, align, scatter), two grouped GEMMs, reduce
     GROUPED = "grouped"
-    #: large prefill: the grouped routing, then the two GEMMs of the GPU's library
-    #: (``torch._scaled_grouped_mm``, CUTLASS on sm_90) with our kernels around them
-    GROUPED_MM = "grouped_mm"
 
     @property
     def roles(self) -> tuple[Role, ...]:
         """The kernels a variant of this regime runs, in launch order."""
         if self is Regime.GEMV:
             return (Role.STAGE1, Role.STAGE2)
-        if self is Regime.GROUPED_MM:
-            return (Role.PREP, Role.ALIGN, Role.SCATTER, Role.GATHER, Role.ACTIVATION,
-                    Role.REDUCE)
         return (Role.PREP, Role.ALIGN, Role.SCATTER, Role.STAGE1, Role.STAGE2, Role.REDUCE)
 
 

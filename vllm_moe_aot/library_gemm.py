@@ -1,5 +1,5 @@
 """The GPU library's fp8 grouped GEMM (``torch._scaled_grouped_mm``, CUTLASS on sm_90): where it
-runs, and the one call both the ``grouped_mm`` regime and the torch peers make.
+runs, and the one call the torch peers (``torch_grouped``, ``gemm_bound``) make.
 
 On the CPU (the interpreter's tests) the GEMM runs as a per-expert loop of dequantised float32
 matmuls with a bf16 result, which checks everything around it.

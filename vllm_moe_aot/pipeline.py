@@ -3,11 +3,9 @@
     moe = FusedMoE(shape, scheme, device, max_tokens=8192)
     moe.run(variant, x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, out)
 
-``run`` launches the variant's code objects on the current stream, allocates nothing (but for
-the ``grouped_mm`` variants, whose library GEMMs take their outputs from torch's caching
-allocator), never synchronises and is CUDA-graph capturable. Its buffers live in a
-:class:`Workspace` sized once for ``max_tokens``; larger batches are processed in chunks of
-that many tokens.
+``run`` launches the variant's code objects on the current stream, allocates nothing, never
+synchronises and is CUDA-graph capturable. Its buffers live in a :class:`Workspace` sized once
+for ``max_tokens``; larger batches are processed in chunks of that many tokens.
 :meth:`FusedMoE.shared` is the one place layers share: every layer of one (shape, scheme,
 device, token budget) gets the same pipeline and so the same buffers, since layers run one
 after another on one stream.
@@ -36,7 +34,7 @@ from typing import Any
 
 import torch
 
-from vllm_moe_aot import caches, library_gemm
+from vllm_moe_aot import caches
 from vllm_moe_aot.contract import Regime, Role, Variant, fp8_dtype_name
 from vllm_moe_aot.shapes import (
     WEIGHT_BLOCK,
@@ -76,23 +74,19 @@ class Workspace:
     """
 
     def __init__(self, shape: MoEShape, device: torch.device, tokens: int, max_block_m: int,
-                 fp8: torch.dtype, scale_tiles: int = 1, x_groups: int = 1,
-                 gathered: bool = False):
+                 fp8: torch.dtype, scale_tiles: int = 1, x_groups: int = 1):
         self.tokens = tokens
         for name, (dims, dtype) in self.buffers(shape, tokens, max_block_m, fp8, scale_tiles,
-                                                x_groups, gathered).items():
+                                                x_groups).items():
             alloc = torch.zeros if name == "counts" else torch.empty
             setattr(self, name, alloc(dims, dtype=dtype, device=device))
 
     @staticmethod
     def buffers(shape: MoEShape, tokens: int, max_block_m: int, fp8: torch.dtype,
-                scale_tiles: int = 1, x_groups: int = 1, gathered: bool = False
+                scale_tiles: int = 1, x_groups: int = 1
                 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name -> (shape, dtype) of every buffer: the one statement of what a workspace holds
-        (``__init__`` allocates it, :meth:`nbytes` sums it). ``gathered``: a grouped_mm
-        variant serves the layer (its gathered rows; otherwise one element each). The
-        library GEMMs' bf16 outputs are not here (torch allocates them per call); they count
-        in :meth:`nbytes`."""
+        (``__init__`` allocates it, :meth:`nbytes` sums it)."""
         E, K, N = shape.E, shape.K, shape.N
         pairs = tokens * shape.topk
         # sorted rows of the grouped regime: every pair, plus each used expert's padding
@@ -111,38 +105,26 @@ class Workspace:
             "actq": ((rows, N), fp8),
             # one scale per (row, stage-1 N tile) under the dynamic schemes
             "act_scale": ((rows * scale_tiles,), f32),
-            # grouped_mm: the quantised token of each sorted row, its scale, each pair's row
-            "rows": ((rows, K) if gathered else (1,), fp8),
-            "row_scale": ((rows if gathered else 1,), f32),
-            "row_of": ((pairs if gathered else 1,), i32),
             "partial": ((pairs, K), torch.bfloat16),
             "acc": ((tokens, K), f32),  # the atomic stage 2's accumulator
         }
 
     @classmethod
     def nbytes(cls, shape: MoEShape, tokens: int, max_block_m: int, scale_tiles: int = 1,
-               x_groups: int = 1, gathered: bool = False) -> int:
-        """What :class:`Workspace` allocates for ``tokens``, plus (``gathered``) the library
-        GEMMs' outputs of one chunk: bf16 [rows, 2N] and [rows, K]."""
-        held = sum(math.prod(dims) * dtype.itemsize for dims, dtype in cls.buffers(
-            shape, tokens, max_block_m, torch.float8_e4m3fn, scale_tiles, x_groups,
-            gathered).values())
-        if not gathered:
-            return held
-        pairs = tokens * shape.topk
-        rows = pairs + min(pairs, shape.E) * (max_block_m - 1)
-        return held + rows * (2 * shape.N + shape.K) * 2
+               x_groups: int = 1) -> int:
+        """What :class:`Workspace` allocates for ``tokens``."""
+        return sum(math.prod(dims) * dtype.itemsize for dims, dtype in cls.buffers(
+            shape, tokens, max_block_m, torch.float8_e4m3fn, scale_tiles, x_groups).values())
 
     @classmethod
     def chunk_tokens(cls, shape: MoEShape, max_tokens: int, max_block_m: int,
-                     scale_tiles: int = 1, x_groups: int = 1, gathered: bool = False,
+                     scale_tiles: int = 1, x_groups: int = 1,
                      budget: int = WORKSPACE_BUDGET_BYTES) -> int:
         """The token chunk for a pipeline asked for ``max_tokens``: at most MAX_CHUNK_TOKENS,
         halved (not below MIN_CHUNK_TOKENS) while the workspace would pass ``budget``."""
         tokens = min(max_tokens, MAX_CHUNK_TOKENS)
         while tokens > MIN_CHUNK_TOKENS and \
-                cls.nbytes(shape, tokens, max_block_m, scale_tiles, x_groups,
-                           gathered) > budget:
+                cls.nbytes(shape, tokens, max_block_m, scale_tiles, x_groups) > budget:
             tokens = max(MIN_CHUNK_TOKENS, 1 << ((tokens - 1).bit_length() - 1))
         return tokens
 
@@ -191,11 +173,8 @@ class FusedMoE:
         self._variants: dict[str, Variant] = {}
         self.skipped: dict[str, str] = {}
         self._stages: dict[str, dict[Role, _Stage]] = {}
-        library = library_gemm.unavailable_reason(self.device)
         for v in self.runtime.manifest.variants:
             why = v.serves(shape, scheme)
-            if why is None and v.regime is Regime.GROUPED_MM:
-                why = library
             if why is not None:
                 self.skipped[v.name] = why
                 continue
@@ -213,10 +192,8 @@ class FusedMoE:
         tiles = _cdiv(shape.N, min(s1_bn)) if s1_bn and not scheme.static_activations else 1
         # block FP8 quantises x per 128-column group
         groups = shape.K // WEIGHT_BLOCK[1] if scheme.block_weights else 1
-        gathered = any(v.regime is Regime.GROUPED_MM for v in self._variants.values())
-        self.chunk = Workspace.chunk_tokens(shape, max_tokens, max_bm, tiles, groups, gathered)
-        self.ws = Workspace(shape, self.device, self.chunk, max_bm, self.fp8, tiles, groups,
-                            gathered)
+        self.chunk = Workspace.chunk_tokens(shape, max_tokens, max_bm, tiles, groups)
+        self.ws = Workspace(shape, self.device, self.chunk, max_bm, self.fp8, tiles, groups)
         #: the weight scales ``run`` takes (their element counts are checked)
         self.scale_shapes = weight_scale_shapes(shape, scheme)
 
@@ -287,8 +264,7 @@ class FusedMoE:
         M = x.shape[0]
         self._check(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, out,
                     a13_scale, a2_scale, expert_map)
-        launch = {Regime.GEMV: self._run_gemv, Regime.GROUPED: self._run_grouped,
-                  Regime.GROUPED_MM: self._run_grouped_mm}[v.regime]
+        launch = self._run_gemv if v.regime is Regime.GEMV else self._run_grouped
         for c0 in range(0, M, self.chunk):
             c1 = min(M, c0 + self.chunk)
             ids = topk_ids[c0:c1]
@@ -315,15 +291,11 @@ class FusedMoE:
                          topk_weights_ptr=tw, out_ptr=out, N=s.N, K=s.K, topk=s.topk,
                          pdl=self.pdl and bool(s2.consts.get("USE_GDC")))
 
-    def _route(self, st, x, ids, a13):
-        """The grouped regimes' routing: quantise x and count experts (prep), pad each
-        expert's rows to align's BLOCK_M (align), sort the pairs (scatter). Returns the pair
-        count, BLOCK_M, the row blocks' upper bound, which roles launch with PDL, and the
-        sorted rows' buffers as kernel arguments."""
+    def _run_grouped(self, st, x, w13, w2, w13_scale, w2_scale, tw, ids, out, a13, a2):
         M = x.shape[0]
         s, ws = self.shape, self.ws
         pairs = M * s.topk
-        bm = st[Role.ALIGN].consts["BLOCK_M"]
+        bm = st[Role.STAGE1].consts["BLOCK_M"]
         blocks = _cdiv(pairs + min(pairs, s.E) * (bm - 1), bm)
         # kernels compiled with USE_GDC wait in-kernel for their predecessor, so each after
         # the first is launched with programmatic dependent launch (its launch overlaps the
@@ -350,12 +322,6 @@ class FusedMoE:
             with contextlib.suppress(Exception):
                 ws.counts.zero_()
             raise
-        return pairs, bm, blocks, pdl, rows
-
-    def _run_grouped(self, st, x, w13, w2, w13_scale, w2_scale, tw, ids, out, a13, a2):
-        M = x.shape[0]
-        s, ws = self.shape, self.ws
-        pairs, bm, blocks, pdl, rows = self._route(st, x, ids, a13)
         dims = dict(N=s.N, K=s.K, topk=s.topk, num_pairs=pairs)
         s1 = st[Role.STAGE1]
         s1.kernel.launch((blocks, _cdiv(s.N, s1.consts["BLOCK_N"]), 1),
@@ -374,47 +340,6 @@ class FusedMoE:
         red.kernel.launch((M, _cdiv(s.K, red.consts["BLOCK_K"]), 1), partial_ptr=ws.partial,
                           acc_ptr=ws.acc, topk_ids_ptr=ids, out_ptr=out, K=s.K, topk=s.topk,
                           pdl=pdl[Role.REDUCE])
-
-    def _run_grouped_mm(self, st, x, w13, w2, w13_scale, w2_scale, tw, ids, out, a13, a2):
-        """The grouped routing, then the library's two grouped GEMMs with our gather,
-        SiLU-and-quantise and reduce around them. After scatter, ``cursor[e]`` is the end of
-        expert e's rows: the GEMMs' group ends (a group's first rows may be the padding of
-        the expert before: zero rows, computed and never read). The GEMMs allocate their
-        bf16 outputs through torch's caching allocator."""
-        M = x.shape[0]
-        s, ws = self.shape, self.ws
-        pairs, bm, blocks, pdl, rows = self._route(st, x, ids, a13)
-        # the sorted rows' upper bound (rows past the last group end idle)
-        R = min(blocks * bm, ws.actq.shape[0])
-        ga, act = st[Role.GATHER], st[Role.ACTIVATION]
-        ga.kernel.launch((_cdiv(R, ga.consts["BLOCK_R"]), 1, 1), xq_ptr=ws.xq,
-                         a_scale_ptr=ws.a_scale, static_scale_ptr=a13,
-                         sorted_ids_ptr=ws.sorted_ids, total_ptr=ws.total, rows_ptr=ws.rows,
-                         row_scale_ptr=ws.row_scale, row_of_ptr=ws.row_of, K=s.K,
-                         topk=s.topk, num_pairs=pairs, pdl=pdl[Role.GATHER])
-        s13, s2 = self._row_scales(w13_scale, w2_scale)
-        h = library_gemm.grouped_mm(ws.rows[:R], w13.transpose(-2, -1), ws.row_scale[:R], s13,
-                                    ws.cursor)
-        # after a library kernel: a plain launch (PDL overlaps only our own chain)
-        act.kernel.launch((_cdiv(R, act.consts["BLOCK_R"]), 1, 1), h_ptr=h, a2_static_ptr=a2,
-                          sorted_ids_ptr=ws.sorted_ids, total_ptr=ws.total, actq_ptr=ws.actq,
-                          act_scale_ptr=ws.act_scale, N=s.N, num_pairs=pairs)
-        y = library_gemm.grouped_mm(ws.actq[:R], w2.transpose(-2, -1), ws.act_scale[:R], s2,
-                                    ws.cursor)
-        red = st[Role.REDUCE]
-        red.kernel.launch((M, _cdiv(s.K, red.consts["BLOCK_K"]), 1), y_ptr=y,
-                          row_of_ptr=ws.row_of, topk_weights_ptr=tw, topk_ids_ptr=ids,
-                          out_ptr=out, K=s.K, topk=s.topk)
-
-    def _row_scales(self, w13_scale: torch.Tensor, w2_scale: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weight scales in the row-wise form the library GEMM takes: fp32 [E, 2N] and
-        [E, K] (a per-tensor scale expanded: a small copy per call)."""
-        s = self.shape
-        if self.scheme.per_channel_weights:
-            return w13_scale.view(s.E, 2 * s.N), w2_scale.view(s.E, s.K)
-        return (w13_scale.view(s.E, 1).expand(s.E, 2 * s.N).contiguous(),
-                w2_scale.view(s.E, 1).expand(s.E, s.K).contiguous())
 
     def _check(self, x, w13, w2, w13_scale, w2_scale, tw, ids, out, a13, a2,
                expert_map=None) -> None:
