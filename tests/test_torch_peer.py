@@ -45,3 +45,12 @@ def test_torch_peer_routing_weights_matter():
     y2 = TorchGroupedMoE(p.scheme)(p).double()
     assert torch.allclose(y2, 2.0 * y1, rtol=2e-2, atol=1e-3)
     assert gate(y2, p.reference(True)).passed
+
+
+def test_library_gemm_says_where_it_runs():
+    """The peers' grouped GEMM: the CPU's per-expert loop stands in; a device that is neither
+    the CPU nor CUDA sm_90 gets a reason (the bench lists the peer as skipped with it)."""
+    from vllm_moe_aot import library_gemm
+
+    assert library_gemm.unavailable_reason(torch.device("cpu")) is None
+    assert "sm_90" in library_gemm.unavailable_reason(torch.device("meta"))
