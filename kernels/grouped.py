@@ -20,6 +20,60 @@ QBLOCK: tl.constexpr = tl.constexpr(128)
 
 
 @triton.jit
+def _mma(a, b, SWAP_AB: tl.constexpr):
+    """a @ b ([M, K] x [K, N]), or with SWAP_AB its transpose b^T @ a^T ([N, M]). Hopper's
+    warpgroup MMA needs 64 rows of A: a 16-row block of sorted rows would fall back to fp16
+    mma.sync with every fp8 operand converted in registers, while with the weight tile as the
+    64-row operand it stays an fp8 MMA fed from shared memory. The accumulator stays in the
+    swapped orientation until the epilogue (:func:`_unswap`)."""
+    if SWAP_AB:
+        r = tl.dot(tl.trans(b), tl.trans(a))
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
+def _mma_acc(a, b, acc, SWAP_AB: tl.constexpr):
+    """:func:`_mma` added into ``acc`` by the MMA itself (its accumulator: no promotion)."""
+    if SWAP_AB:
+        r = tl.dot(tl.trans(b), tl.trans(a), acc)
+    else:
+        r = tl.dot(a, b, acc)
+    return r
+
+
+@triton.jit
+def _outer(rows, cols, SWAP_AB: tl.constexpr):
+    """rows[:, None] * cols[None, :] in the orientation of a :func:`_mma` result."""
+    if SWAP_AB:
+        r = cols[:, None] * rows[None, :]
+    else:
+        r = rows[:, None] * cols[None, :]
+    return r
+
+
+@triton.jit
+def _row_factor(rows, SWAP_AB: tl.constexpr):
+    """A per-row factor broadcast over a :func:`_mma` result."""
+    if SWAP_AB:
+        r = rows[None, :]
+    else:
+        r = rows[:, None]
+    return r
+
+
+@triton.jit
+def _unswap(acc, SWAP_AB: tl.constexpr):
+    """The accumulator as [BLOCK_M, BLOCK_N] for the epilogue."""
+    if SWAP_AB:
+        r = tl.trans(acc)
+    else:
+        r = acc
+    return r
+
+
+@triton.jit
 def moe_grouped_stage1(
     xq_ptr, a_scale_ptr, a13_static_ptr, w13_ptr, w13_scale_ptr, a2_static_ptr,
     sorted_ids_ptr, block_expert_ptr, total_ptr, actq_ptr, act_scale_ptr,
@@ -27,7 +81,7 @@ def moe_grouped_stage1(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PER_CHANNEL: tl.constexpr, STATIC: tl.constexpr, PROMOTE: tl.constexpr,
     FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr, USE_GDC: tl.constexpr,
-    BLOCK_SCALES: tl.constexpr = False,
+    BLOCK_SCALES: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
 ):
     """act_q[row] = q2(silu(x W_gate^T) * (x W_up^T)) for one BLOCK_M block of sorted rows and
     one BLOCK_N tile of N.
@@ -46,6 +100,8 @@ def moe_grouped_stage1(
     K/128 + kb]``) and its columns' weight-block scales (``w13_scale[e, n/128, kb]``) before it
     is added, i.e. always promoted; the intermediate is re-quantised per (row, N tile) with
     vLLM's group scale.
+
+    SWAP_AB (BLOCK_M < 64, BLOCK_N >= 64): the MMAs run as W x^T (:func:`_mma`).
     """
     _chain(USE_GDC)
     b = tl.program_id(0)
@@ -63,8 +119,9 @@ def moe_grouped_stage1(
     a_ptrs = xq_ptr + tok[:, None] * K + offs_k[None, :]
     g_ptrs = w13_ptr + e * 2 * N * K + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]
     u_ptrs = g_ptrs + N * K
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # the accumulators in the orientation of the MMA (_mma)
+    acc_g = tl.zeros([BLOCK_N, BLOCK_M] if SWAP_AB else [BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros_like(acc_g)
     if BLOCK_SCALES:
         kblocks = K // QBLOCK
         a_srow = a_scale_ptr + tok * kblocks
@@ -81,16 +138,18 @@ def moe_grouped_stage1(
         if BLOCK_SCALES:
             kb = k0 // QBLOCK
             a_s = tl.load(a_srow + kb, mask=valid, other=0.0)
-            acc_g += tl.dot(a, bg) * (a_s[:, None] *
-                                      tl.load(w_srow_g + kb, mask=mask_n, other=0.0)[None, :])
-            acc_u += tl.dot(a, bu) * (a_s[:, None] *
-                                      tl.load(w_srow_u + kb, mask=mask_n, other=0.0)[None, :])
+            acc_g += _mma(a, bg, SWAP_AB) * _outer(
+                a_s, tl.load(w_srow_g + kb, mask=mask_n, other=0.0), SWAP_AB)
+            acc_u += _mma(a, bu, SWAP_AB) * _outer(
+                a_s, tl.load(w_srow_u + kb, mask=mask_n, other=0.0), SWAP_AB)
         elif PROMOTE:
-            acc_g += tl.dot(a, bg)
-            acc_u += tl.dot(a, bu)
+            acc_g += _mma(a, bg, SWAP_AB)
+            acc_u += _mma(a, bu, SWAP_AB)
         else:
-            acc_g = tl.dot(a, bg, acc_g)
-            acc_u = tl.dot(a, bu, acc_u)
+            acc_g = _mma_acc(a, bg, acc_g, SWAP_AB)
+            acc_u = _mma_acc(a, bu, acc_u, SWAP_AB)
+    acc_g = _unswap(acc_g, SWAP_AB)
+    acc_u = _unswap(acc_u, SWAP_AB)
     if BLOCK_SCALES:
         pass  # scaled per K chunk
     elif STATIC:
@@ -139,7 +198,7 @@ def moe_grouped_stage2(
     PER_CHANNEL: tl.constexpr, STATIC: tl.constexpr, ATOMIC: tl.constexpr,
     FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr, USE_GDC: tl.constexpr,
     TILE_SCALES: tl.constexpr = False, SCALE_N: tl.constexpr = 128,
-    BLOCK_SCALES: tl.constexpr = False,
+    BLOCK_SCALES: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
 ):
     """y = w_pair * (act_q[row] W2_e^T)[cols] for one block of sorted rows, written as bf16
     partials per pair, or (ATOMIC) added into the token's fp32 accumulator row: no
@@ -148,7 +207,8 @@ def moe_grouped_stage2(
     :func:`moe_grouped_stage2_loop`; one program per output tile gives small batches of wide
     layers many programs (the looped kernel has K_SPLIT per row block). BLOCK_SCALES (block
     FP8, with TILE_SCALES; BLOCK_N divides 128): each chunk is also scaled by its output
-    columns' w2 block scales ``w2_scale[e, k/128, n0/128]``."""
+    columns' w2 block scales ``w2_scale[e, k/128, n0/128]``. SWAP_AB (BLOCK_M < 64): the
+    MMAs run as W2 act^T (:func:`_mma`)."""
     _chain(USE_GDC)
     b = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -163,7 +223,7 @@ def moe_grouped_stage2(
     offs_n = tl.arange(0, BLOCK_N)
     a_ptrs = actq_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     b_ptrs = w2_ptr + e * K * N + offs_k.to(tl.int64)[None, :] * N + offs_n[:, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_K, BLOCK_M] if SWAP_AB else [BLOCK_M, BLOCK_K], dtype=tl.float32)
     if TILE_SCALES:
         scale_rows = act_scale_ptr + offs_m.to(tl.int64) * tl.cdiv(N, SCALE_N)
     if BLOCK_SCALES:
@@ -178,12 +238,13 @@ def moe_grouped_stage2(
         if BLOCK_SCALES:
             s = tl.load(scale_rows + n0 // SCALE_N, mask=valid, other=0.0)
             ws = tl.load(w_scale_cols + n0 // QBLOCK, mask=mask_k, other=0.0)
-            acc += tl.dot(a, w) * (s[:, None] * ws[None, :])
+            acc += _mma(a, w, SWAP_AB) * _outer(s, ws, SWAP_AB)
         elif TILE_SCALES:
             s = tl.load(scale_rows + n0 // SCALE_N, mask=valid, other=0.0)
-            acc += tl.dot(a, w) * s[:, None]
+            acc += _mma(a, w, SWAP_AB) * _row_factor(s, SWAP_AB)
         else:
-            acc += tl.dot(a, w)
+            acc += _mma(a, w, SWAP_AB)
+    acc = _unswap(acc, SWAP_AB)
     if STATIC:
         acc = acc * tl.load(a2_static_ptr)
     elif TILE_SCALES:

@@ -12,7 +12,7 @@ derived by editing another name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kernels.spec import FP8_MAX, FP8_PTR, ON_CUDA, KernelSpec
 from vllm_moe_aot.contract import DEFAULT_TOLERANCE, Regime, Role, Variant
@@ -171,10 +171,14 @@ class GroupedStage1Tile:
     bk: int
     warps: int
     stages: int
+    #: build targets (None: all)
+    targets: tuple[str, ...] | None = None
 
-    def kernel(self, scheme: str, promote: bool) -> str:
+    def kernel(self, scheme: str, promote: bool, swap_ab: bool = False) -> str:
+        # the pipeline depth is named when it is not the default 3
         return (f"grp_s1_{_SHORT[scheme]}_m{self.bm}_n{self.bn}_k{self.bk}"
-                + ("" if promote else "_fa"))
+                + ("" if self.stages == 3 else f"_s{self.stages}")
+                + ("" if promote else "_fa") + ("_sw" if swap_ab else ""))
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,8 @@ class GroupedStage2Tile:
     tile_scales: bool = False
     #: the looped kernel's programs in (row block, K part) order (K_FIRST)
     k_first: bool = False
+    #: the MMAs as W2 act^T (SWAP_AB; one output tile per program only)
+    swap_ab: bool = False
 
     def block_m(self, align_m: int) -> int:
         return self.bm or align_m
@@ -213,7 +219,8 @@ class GroupedStage2Tile:
                 + ("" if self.stages == 3 else f"_s{self.stages}"))
         scales = f"_ts{scale_n}" if self.tile_scales else ""
         if not self.k_split:
-            return f"grp_s2_{dims}{'_atomic' if self.atomic else ''}{scales}"
+            return (f"grp_s2_{dims}{'_atomic' if self.atomic else ''}{scales}"
+                    + ("_sw" if self.swap_ab else ""))
         kind = "res" if self.resident else "loop"
         return (f"grp_s2{kind}_{dims}_split{self.k_split}"
                 + (f"_align{align_m}" if align_m != bm else "") + scales
@@ -224,6 +231,10 @@ S1_TILES = (
     GroupedStage1Tile("m16", 16, 128, 128, 4, 3),
     # N in 64-wide tiles for small batches of wide layers: 2x the stage-1 programs of m16
     GroupedStage1Tile("m16n64", 16, 64, 128, 4, 3),
+    # ... 4 deep: decode batches are latency-bound on the weight stream (vLLM's Triton path
+    # runs 4 stages up to M = 32). Not for gfx950: Triton 3.8's pipeliner fails there
+    # (PassManager::run failed, 2026-12-03)
+    GroupedStage1Tile("m16n64s4", 16, 64, 128, 4, 4, targets=("sm_90a", "gfx942")),
     GroupedStage1Tile("m64", 64, 128, 128, 4, 3),
     GroupedStage1Tile("m64n64", 64, 64, 128, 4, 3),
     GroupedStage1Tile("m64n256", 64, 256, 128, 8, 3),
@@ -283,16 +294,19 @@ S2_TILES = {
 
 @dataclass(frozen=True)
 class Mode:
-    """How a variant runs its stage 2 (``kind``, a key of :data:`S2_TILES`) and whether its
-    stage 1 promotes the fp8 MMA partials per K chunk (``fastacc``: it does not)."""
+    """How a variant runs its stage 2 (``kind``, a key of :data:`S2_TILES`), whether its
+    stage 1 promotes the fp8 MMA partials per K chunk (``fastacc``: it does not) and whether
+    both stages run their MMAs with the weight tile as the 64-row operand (``swap_ab``: row
+    blocks under 64, one output tile per stage-2 program)."""
 
     kind: str
     fastacc: bool
+    swap_ab: bool = False
 
     @property
     def suffix(self) -> str:
-        parts = (["fastacc"] if self.fastacc else []) + ([] if self.kind == "std" else
-                                                          [self.kind])
+        parts = ((["fastacc"] if self.fastacc else []) + (["swab"] if self.swap_ab else [])
+                 + ([] if self.kind == "std" else [self.kind]))
         return "".join(f"_{p}" for p in parts)
 
 
@@ -303,7 +317,10 @@ MODES = (Mode("std", False), Mode("atomic", False), Mode("std", True), Mode("k25
          Mode("wloop4n128", True), Mode("wloop4m64", True), Mode("wloop4m64n128", True),
          Mode("wstd", False), Mode("wstd", True), Mode("wloop4n128", False),
          Mode("wloop4m64", False), Mode("wloop4m64n128", False), Mode("wloop4k256", True),
-         Mode("wloop4n256", True), Mode("wloop4n128kf", True), Mode("wloop4k256kf", True))
+         Mode("wloop4n256", True), Mode("wloop4n128kf", True), Mode("wloop4k256kf", True),
+         # decode-sized batches of wide layers: vLLM's Triton path swaps A and B there and
+         # led our m16n64_wstd by 7% (DeepSeek-V3 EP8 at M = 32, H200, 2026-12-03)
+         Mode("std", False, swap_ab=True), Mode("wstd", False, swap_ab=True))
 #: modes built for block FP8 only: its stage 1 always promotes, and these tiles (N = 128 in one
 #: chunk, the BLOCK_M=128 stage 1) lost to their fastacc forms for every other scheme
 BLOCK_ONLY_MODES = {Mode("wloop4n128", False), Mode("wloop4m64", False),
@@ -385,9 +402,10 @@ def grouped_stage2_spec(t: GroupedStage2Tile, bm1: int, scheme: str,
     f = SCHEME_FLAGS[scheme]
     consts = {"BLOCK_M": t.block_m(bm1), "BLOCK_K": t.bk, "BLOCK_N": t.bn,
               "PER_CHANNEL": f.per_channel, "STATIC": f.static, "ATOMIC": t.atomic,
-              "FP8_MAX": FP8_MAX, "EXACT_CAST": False, "USE_GDC": ON_CUDA}
+              "FP8_MAX": FP8_MAX, "EXACT_CAST": False, "USE_GDC": ON_CUDA,
+              "SWAP_AB": t.swap_ab}
     if t.k_split:
-        del consts["ATOMIC"]
+        del consts["ATOMIC"], consts["SWAP_AB"]
         consts.update(K_SPLIT=t.k_split, ALIGN_M=bm1, NUM_STAGES=t.stages)
     if not t.resident:
         consts.update(TILE_SCALES=t.tile_scales, SCALE_N=scale_n or t.bn,
@@ -415,10 +433,11 @@ def grouped_stage2_specs() -> list[KernelSpec]:
             if not t.tile_scales for scheme, f in SCHEME_FLAGS.items() if not f.block]
 
 
-def grouped_stage1_spec(t: GroupedStage1Tile, scheme: str, promote: bool) -> KernelSpec:
+def grouped_stage1_spec(t: GroupedStage1Tile, scheme: str, promote: bool,
+                        swap_ab: bool = False) -> KernelSpec:
     f = SCHEME_FLAGS[scheme]
     return KernelSpec(
-        name=t.kernel(scheme, promote), source="kernels.grouped:moe_grouped_stage1",
+        name=t.kernel(scheme, promote, swap_ab), source="kernels.grouped:moe_grouped_stage1",
         family="grouped_stage1",
         signature={"xq_ptr": FP8_PTR, "a_scale_ptr": "*fp32",
                    "a13_static_ptr": "*fp32", "w13_ptr": FP8_PTR,
@@ -429,14 +448,17 @@ def grouped_stage1_spec(t: GroupedStage1Tile, scheme: str, promote: bool) -> Ker
         constexprs={"BLOCK_M": t.bm, "BLOCK_N": t.bn, "BLOCK_K": t.bk,
                     "PER_CHANNEL": f.per_channel, "STATIC": f.static, "PROMOTE": promote,
                     "FP8_MAX": FP8_MAX, "EXACT_CAST": False, "USE_GDC": ON_CUDA,
-                    "BLOCK_SCALES": f.block},
+                    "BLOCK_SCALES": f.block, "SWAP_AB": swap_ab},
         divisible_by_16=("xq_ptr", "w13_ptr", "actq_ptr", *_ALIGN16),
-        num_warps=t.warps, num_stages=t.stages)
+        num_warps=t.warps, num_stages=t.stages,
+        **({} if t.targets is None else {"targets": t.targets}))
 
 
 def _built(t: GroupedStage1Tile, mode: Mode) -> bool:
     if (t.bm, mode.kind) not in S2_TILES:
         return False
+    if mode.swap_ab and (t.bm >= 64 or S2_TILES[(t.bm, mode.kind)].k_split):
+        return False  # 64 rows already fill the MMA; the looped stage 2 does not swap
     if not mode.fastacc:
         return True
     if t.tag not in FASTACC_TILES:
@@ -455,7 +477,7 @@ def grouped_space() -> tuple[list[KernelSpec], list[Variant]]:
         for mode in MODES:
             if not _built(t, mode):
                 continue
-            s2 = S2_TILES[(t.bm, mode.kind)]
+            s2 = replace(S2_TILES[(t.bm, mode.kind)], swap_ab=mode.swap_ab)
             promote = not mode.fastacc
             kernels: dict[str, dict[Role, str]] = {}
             max_n: dict[str, int] = {}
@@ -473,13 +495,17 @@ def grouped_space() -> tuple[list[KernelSpec], list[Variant]]:
                     continue
                 if s2.tile_scales and (static or t.bn % s2.bn):
                     continue  # static scales are per tensor; a chunk may not straddle tiles
-                spec = s1_specs.setdefault(t.kernel(scheme, promote),
-                                           grouped_stage1_spec(t, scheme, promote))
+                spec = s1_specs.setdefault(
+                    t.kernel(scheme, promote, mode.swap_ab),
+                    grouped_stage1_spec(t, scheme, promote, mode.swap_ab))
                 if s2.tile_scales:
                     act_group[scheme] = t.bn
                     s2_name = s2_specs.setdefault(
                         s2.kernel(scheme, t.bm, t.bn),
                         grouped_stage2_spec(s2, t.bm, scheme, t.bn)).name
+                elif s2.swap_ab:  # per-row scales, but not among the shared stage-2 specs
+                    s2_name = s2_specs.setdefault(
+                        s2.kernel(scheme, t.bm), grouped_stage2_spec(s2, t.bm, scheme)).name
                 else:
                     s2_name = s2.kernel(scheme, t.bm)
                 kernels[scheme] = {

@@ -16,7 +16,8 @@ BLOCK = Scheme.FP8_BLOCK
 #: K = three 128 blocks, N = two (w13: four row blocks)
 SHAPE = MoEShape(E=4, K=384, N=256, topk=2)
 GEMV = "gemv_n8_k512.k8_n64"
-GROUPED = ("grouped_m16_wstd", "grouped_m64n64_wloop4", "grouped_m64n256_wstd")
+GROUPED = ("grouped_m16_wstd", "grouped_m16n64_swab_wstd", "grouped_m64n64_wloop4",
+           "grouped_m64n256_wstd")
 
 
 @pytest.fixture(scope="module")

@@ -224,3 +224,23 @@ def test_topk_pad_bounds_the_variants():
     assert t8 and not set(t8) & set(large.variants)
     p = make(MoEShape(E=16, K=128, N=32, topk=8), Scheme.FP8_PTPC, 3, seed=15)
     run_and_check(small, t8[0], p)
+
+
+def test_variant_without_code_objects_for_the_target_is_skipped():
+    """A variant whose kernels were not built for the runtime's target (the 4-stage stage-1
+    tiles on gfx950) is skipped with a reason naming the missing kernels, not loaded."""
+    import dataclasses
+
+    from vllm_moe_aot.runtime import Runtime
+
+    rt = Runtime.get(torch.device("cpu"))
+    victim = "grouped_m16n64s4_wstd"
+    s1 = rt.manifest.variant(victim).chain(Scheme.FP8_PTPC)["stage1"]
+    view = dataclasses.replace(rt.manifest, objects=tuple(
+        o for o in rt.manifest.objects if o.name != s1))
+    stub = type("View", (), {"manifest": view, "target": rt.target, "kernel": rt.kernel})()
+    moe = FusedMoE(MoEShape(E=4, K=128, N=160, topk=2), Scheme.FP8_PTPC, "cpu", max_tokens=4,
+                   runtime=stub)
+    assert victim not in moe.variants
+    assert moe.skipped[victim] == f"not built for {rt.target}: {s1}"
+    assert "grouped_m16n64_wstd" in moe.variants

@@ -173,8 +173,13 @@ class FusedMoE:
         self._variants: dict[str, Variant] = {}
         self.skipped: dict[str, str] = {}
         self._stages: dict[str, dict[Role, _Stage]] = {}
+        built = set(self.runtime.manifest.names())
         for v in self.runtime.manifest.variants:
             why = v.serves(shape, scheme)
+            if why is None:
+                missing = sorted(set(v.chain(scheme).values()) - built)
+                if missing:
+                    why = f"not built for {self.runtime.target}: {', '.join(missing)}"
             if why is not None:
                 self.skipped[v.name] = why
                 continue
