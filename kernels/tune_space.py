@@ -173,6 +173,8 @@ class GroupedStage1Tile:
     stages: int
     #: build targets (None: all)
     targets: tuple[str, ...] | None = None
+    #: only with swapped MMAs (Mode.swap_ab): without, a 16-row block runs fp16 mma.sync
+    swab_only: bool = False
 
     def kernel(self, scheme: str, promote: bool, swap_ab: bool = False) -> str:
         # the pipeline depth is named when it is not the default 3
@@ -235,6 +237,11 @@ S1_TILES = (
     # runs 4 stages up to M = 32). Not for gfx950: Triton 3.8's pipeliner fails there
     # (PassManager::run failed, 2026-12-03)
     GroupedStage1Tile("m16n64s4", 16, 64, 128, 4, 4, targets=("sm_90a", "gfx942")),
+    # ... 64-deep K chunks: a third of the shared memory, so that a decode batch's stage-1
+    # programs all fit on the card at once (DeepSeek-V3 EP8 at M = 32: 672 programs, 528
+    # resident with m16n64, 792 with this)
+    GroupedStage1Tile("m16n64k64", 16, 64, 64, 4, 4, targets=("sm_90a", "gfx942"),
+                      swab_only=True),
     GroupedStage1Tile("m64", 64, 128, 128, 4, 3),
     GroupedStage1Tile("m64n64", 64, 64, 128, 4, 3),
     GroupedStage1Tile("m64n256", 64, 256, 128, 8, 3),
@@ -289,6 +296,10 @@ S2_TILES = {
     # ... and one output tile per program: K / 128 programs per row block (small batches)
     (16, "wstd"): GroupedStage2Tile(128, 64, 4, 3, tile_scales=True),
     (64, "wstd"): GroupedStage2Tile(128, 64, 4, 3, tile_scales=True),
+    # ... 64 output columns (one swapped MMA's rows): twice the programs, for decode batches
+    # whose 128-column grid ran 1.1 waves (DeepSeek-V3 EP8 at M = 32: stage 2 streamed w2 at
+    # 2.3 TB/s against stage 1's 3.5, H200, 2026-12-03)
+    (16, "wstdk64"): GroupedStage2Tile(64, 64, 4, 3, tile_scales=True),
 }
 
 
@@ -320,7 +331,8 @@ MODES = (Mode("std", False), Mode("atomic", False), Mode("std", True), Mode("k25
          Mode("wloop4n256", True), Mode("wloop4n128kf", True), Mode("wloop4k256kf", True),
          # decode-sized batches of wide layers: vLLM's Triton path swaps A and B there and
          # led our m16n64_wstd by 7% (DeepSeek-V3 EP8 at M = 32, H200, 2026-12-03)
-         Mode("std", False, swap_ab=True), Mode("wstd", False, swap_ab=True))
+         Mode("std", False, swap_ab=True), Mode("wstd", False, swap_ab=True),
+         Mode("wstdk64", False, swap_ab=True))
 #: modes built for block FP8 only: its stage 1 always promotes, and these tiles (N = 128 in one
 #: chunk, the BLOCK_M=128 stage 1) lost to their fastacc forms for every other scheme
 BLOCK_ONLY_MODES = {Mode("wloop4n128", False), Mode("wloop4m64", False),
@@ -459,6 +471,8 @@ def _built(t: GroupedStage1Tile, mode: Mode) -> bool:
         return False
     if mode.swap_ab and (t.bm >= 64 or S2_TILES[(t.bm, mode.kind)].k_split):
         return False  # 64 rows already fill the MMA; the looped stage 2 does not swap
+    if t.swab_only and not mode.swap_ab:
+        return False
     if not mode.fastacc:
         return True
     if t.tag not in FASTACC_TILES:
