@@ -199,6 +199,7 @@ def moe_grouped_stage2(
     FP8_MAX: tl.constexpr, EXACT_CAST: tl.constexpr, USE_GDC: tl.constexpr,
     TILE_SCALES: tl.constexpr = False, SCALE_N: tl.constexpr = 128,
     BLOCK_SCALES: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
+    HALVES: tl.constexpr = False,
 ):
     """y = w_pair * (act_q[row] W2_e^T)[cols] for one block of sorted rows, written as bf16
     partials per pair, or (ATOMIC) added into the token's fp32 accumulator row: no
@@ -208,7 +209,9 @@ def moe_grouped_stage2(
     layers many programs (the looped kernel has K_SPLIT per row block). BLOCK_SCALES (block
     FP8, with TILE_SCALES; BLOCK_N divides 128): each chunk is also scaled by its output
     columns' w2 block scales ``w2_scale[e, k/128, n0/128]``. SWAP_AB (BLOCK_M < 64): the
-    MMAs run as W2 act^T (:func:`_mma`)."""
+    MMAs run as W2 act^T (:func:`_mma`). HALVES (with TILE_SCALES, SCALE_N = BLOCK_N / 2):
+    each chunk is loaded as its two scale tiles side by side, one MMA and scale each, so a
+    64-wide stage 1 still gets BLOCK_N contiguous bytes of every w2 row per step."""
     _chain(USE_GDC)
     b = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -228,7 +231,28 @@ def moe_grouped_stage2(
         scale_rows = act_scale_ptr + offs_m.to(tl.int64) * tl.cdiv(N, SCALE_N)
     if BLOCK_SCALES:
         w_scale_cols = w2_scale_ptr + (e * (K // QBLOCK) + offs_k // QBLOCK) * (N // QBLOCK)
-    for n0 in range(0, N, BLOCK_N):
+    if HALVES:
+        offs_h = tl.arange(0, BLOCK_N // 2)
+        h_a = actq_ptr + offs_m.to(tl.int64)[:, None] * N + offs_h[None, :]
+        h_w = w2_ptr + e * K * N + offs_k.to(tl.int64)[None, :] * N + offs_h[:, None]
+        for n0 in range(0, N, BLOCK_N):
+            n1 = n0 + BLOCK_N // 2
+            m0 = (n0 + offs_h) < N
+            m1 = (n1 + offs_h) < N
+            a0 = tl.load(h_a + n0, mask=valid[:, None] & m0[None, :], other=0.0)
+            a1 = tl.load(h_a + n1, mask=valid[:, None] & m1[None, :], other=0.0)
+            w0 = tl.load(h_w + n0, mask=m0[:, None] & mask_k[None, :], other=0.0)
+            w1 = tl.load(h_w + n1, mask=m1[:, None] & mask_k[None, :], other=0.0)
+            if EXACT_CAST:
+                a0 = _fp8_operand(a0, FP8_MAX, EXACT_CAST)
+                a1 = _fp8_operand(a1, FP8_MAX, EXACT_CAST)
+                w0 = w0.to(tl.float32)
+                w1 = w1.to(tl.float32)
+            s0 = tl.load(scale_rows + n0 // SCALE_N, mask=valid, other=0.0)
+            s1 = tl.load(scale_rows + n1 // SCALE_N, mask=valid & (n1 < N), other=0.0)
+            acc += (_mma(a0, w0, SWAP_AB) * _row_factor(s0, SWAP_AB)
+                    + _mma(a1, w1, SWAP_AB) * _row_factor(s1, SWAP_AB))
+    for n0 in range(0, 0 if HALVES else N, BLOCK_N):
         mask_n = (n0 + offs_n) < N
         a = tl.load(a_ptrs + n0, mask=valid[:, None] & mask_n[None, :], other=0.0)
         w = tl.load(b_ptrs + n0, mask=mask_n[:, None] & mask_k[None, :], other=0.0)

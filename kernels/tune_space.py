@@ -173,8 +173,6 @@ class GroupedStage1Tile:
     stages: int
     #: build targets (None: all)
     targets: tuple[str, ...] | None = None
-    #: only with swapped MMAs (Mode.swap_ab): without, a 16-row block runs fp16 mma.sync
-    swab_only: bool = False
 
     def kernel(self, scheme: str, promote: bool, swap_ab: bool = False) -> str:
         # the pipeline depth is named when it is not the default 3
@@ -204,6 +202,9 @@ class GroupedStage2Tile:
     k_first: bool = False
     #: the MMAs as W2 act^T (SWAP_AB; one output tile per program only)
     swap_ab: bool = False
+    #: with tile_scales: each bn chunk is two stage-1 tiles of bn / 2 (HALVES; one output
+    #: tile per program only)
+    halves: bool = False
 
     def block_m(self, align_m: int) -> int:
         return self.bm or align_m
@@ -222,7 +223,7 @@ class GroupedStage2Tile:
         scales = f"_ts{scale_n}" if self.tile_scales else ""
         if not self.k_split:
             return (f"grp_s2_{dims}{'_atomic' if self.atomic else ''}{scales}"
-                    + ("_sw" if self.swap_ab else ""))
+                    + ("_h" if self.halves else "") + ("_sw" if self.swap_ab else ""))
         kind = "res" if self.resident else "loop"
         return (f"grp_s2{kind}_{dims}_split{self.k_split}"
                 + (f"_align{align_m}" if align_m != bm else "") + scales
@@ -237,11 +238,8 @@ S1_TILES = (
     # runs 4 stages up to M = 32). Not for gfx950: Triton 3.8's pipeliner fails there
     # (PassManager::run failed, 2026-12-03)
     GroupedStage1Tile("m16n64s4", 16, 64, 128, 4, 4, targets=("sm_90a", "gfx942")),
-    # ... 64-deep K chunks: a third of the shared memory, so that a decode batch's stage-1
-    # programs all fit on the card at once (DeepSeek-V3 EP8 at M = 32: 672 programs, 528
-    # resident with m16n64, 792 with this)
-    GroupedStage1Tile("m16n64k64", 16, 64, 64, 4, 4, targets=("sm_90a", "gfx942"),
-                      swab_only=True),
+    # (64-deep K chunks, so that all of a decode batch's stage-1 programs fit on the card at
+    # once, lost 1.7x: 311 against 180 us at DeepSeek-V3 EP8, M = 32; docs/perf-notes.md)
     GroupedStage1Tile("m64", 64, 128, 128, 4, 3),
     GroupedStage1Tile("m64n64", 64, 64, 128, 4, 3),
     GroupedStage1Tile("m64n256", 64, 256, 128, 8, 3),
@@ -300,6 +298,11 @@ S2_TILES = {
     # whose 128-column grid ran 1.1 waves (DeepSeek-V3 EP8 at M = 32: stage 2 streamed w2 at
     # 2.3 TB/s against stage 1's 3.5, H200, 2026-12-03)
     (16, "wstdk64"): GroupedStage2Tile(64, 64, 4, 3, tile_scales=True),
+    # ... and 128-deep chunks (after 128-wide stage-1 tiles): 128 contiguous bytes of each
+    # w2 row per load instead of 64
+    (16, "wstdk64n128"): GroupedStage2Tile(64, 128, 4, 3, tile_scales=True),
+    # ... the same loads after 64-wide stage-1 tiles, as two scale tiles per chunk
+    (16, "wstdk64h128"): GroupedStage2Tile(64, 128, 4, 3, tile_scales=True, halves=True),
 }
 
 
@@ -332,7 +335,8 @@ MODES = (Mode("std", False), Mode("atomic", False), Mode("std", True), Mode("k25
          # decode-sized batches of wide layers: vLLM's Triton path swaps A and B there and
          # led our m16n64_wstd by 7% (DeepSeek-V3 EP8 at M = 32, H200, 2026-12-03)
          Mode("std", False, swap_ab=True), Mode("wstd", False, swap_ab=True),
-         Mode("wstdk64", False, swap_ab=True))
+         Mode("wstdk64", False, swap_ab=True), Mode("wstdk64n128", False, swap_ab=True),
+         Mode("wstdk64h128", False, swap_ab=True))
 #: modes built for block FP8 only: its stage 1 always promotes, and these tiles (N = 128 in one
 #: chunk, the BLOCK_M=128 stage 1) lost to their fastacc forms for every other scheme
 BLOCK_ONLY_MODES = {Mode("wloop4n128", False), Mode("wloop4m64", False),
@@ -415,9 +419,9 @@ def grouped_stage2_spec(t: GroupedStage2Tile, bm1: int, scheme: str,
     consts = {"BLOCK_M": t.block_m(bm1), "BLOCK_K": t.bk, "BLOCK_N": t.bn,
               "PER_CHANNEL": f.per_channel, "STATIC": f.static, "ATOMIC": t.atomic,
               "FP8_MAX": FP8_MAX, "EXACT_CAST": False, "USE_GDC": ON_CUDA,
-              "SWAP_AB": t.swap_ab}
+              "SWAP_AB": t.swap_ab, "HALVES": t.halves}
     if t.k_split:
-        del consts["ATOMIC"], consts["SWAP_AB"]
+        del consts["ATOMIC"], consts["SWAP_AB"], consts["HALVES"]
         consts.update(K_SPLIT=t.k_split, ALIGN_M=bm1, NUM_STAGES=t.stages)
     if not t.resident:
         consts.update(TILE_SCALES=t.tile_scales, SCALE_N=scale_n or t.bn,
@@ -471,8 +475,6 @@ def _built(t: GroupedStage1Tile, mode: Mode) -> bool:
         return False
     if mode.swap_ab and (t.bm >= 64 or S2_TILES[(t.bm, mode.kind)].k_split):
         return False  # 64 rows already fill the MMA; the looped stage 2 does not swap
-    if t.swab_only and not mode.swap_ab:
-        return False
     if not mode.fastacc:
         return True
     if t.tag not in FASTACC_TILES:
@@ -507,8 +509,12 @@ def grouped_space() -> tuple[list[KernelSpec], list[Variant]]:
                     # block FP8: activation scales per tile and w2 block scales per N chunk
                     # (a chunk inside one block); its stage 1 always promotes per K block
                     continue
-                if s2.tile_scales and (static or t.bn % s2.bn):
+                if s2.tile_scales and (static or (t.bn * 2 != s2.bn if s2.halves
+                                                  else t.bn % s2.bn)):
                     continue  # static scales are per tensor; a chunk may not straddle tiles
+                    # (a halves chunk is exactly two)
+                if s2.halves and f.block:
+                    continue
                 spec = s1_specs.setdefault(
                     t.kernel(scheme, promote, mode.swap_ab),
                     grouped_stage1_spec(t, scheme, promote, mode.swap_ab))
