@@ -13,11 +13,10 @@ from vllm_moe_aot.shapes import MoEShape, Scheme
 
 DYNAMIC = [Scheme.FP8_PTPC, Scheme.FP8_PER_TENSOR_DYNAMIC]
 #: per-tile-scale variants: the looped stage 2 after stage-1 N tiles of 128 and 256, and the
-#: one-tile-per-program stage 2 after 64-wide tiles (also with A and B swapped, and with two
-#: such tiles per 128-wide chunk), and the BLOCK_M=128 pair
+#: one-tile-per-program stage 2 after 64-wide tiles (also with A and B swapped), and the
+#: BLOCK_M=128 pair
 WIDE = ("grouped_m64_fastacc_wloop4", "grouped_m64n256_fastacc_wloop4n128",
-        "grouped_m16n64_wstd", "grouped_m16n64_swab_wstd", "grouped_m16n64_swab_wstdk64h128",
-        "grouped_m64n64_fastacc_wstdh128", "grouped_m128_fastacc_wloop4n128",
+        "grouped_m16n64_wstd", "grouped_m16n64_swab_wstd", "grouped_m128_fastacc_wloop4n128",
         "grouped_m64n256_fastacc_wloop4k256", "grouped_m64n256_fastacc_wloop4n256",
         "grouped_m64n256_fastacc_wloop4k256kf")
 
