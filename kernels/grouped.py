@@ -190,6 +190,35 @@ def moe_grouped_stage1(
 
 
 @triton.jit
+def _stage2_halves(acc, actq_ptr, w2_ptr, scale_rows, e, offs_m, valid, offs_k, mask_k, N, K,
+                   BLOCK_N: tl.constexpr, SCALE_N: tl.constexpr, FP8_MAX: tl.constexpr,
+                   EXACT_CAST: tl.constexpr, SWAP_AB: tl.constexpr):
+    """The chunk loop of :func:`moe_grouped_stage2` under HALVES: each BLOCK_N chunk loaded as
+    its two SCALE_N-wide scale tiles side by side, one MMA and scale each."""
+    offs_h = tl.arange(0, BLOCK_N // 2)
+    h_a = actq_ptr + offs_m.to(tl.int64)[:, None] * N + offs_h[None, :]
+    h_w = w2_ptr + e * K * N + offs_k.to(tl.int64)[None, :] * N + offs_h[:, None]
+    for n0 in range(0, N, BLOCK_N):
+        n1 = n0 + BLOCK_N // 2
+        m0 = (n0 + offs_h) < N
+        m1 = (n1 + offs_h) < N
+        a0 = tl.load(h_a + n0, mask=valid[:, None] & m0[None, :], other=0.0)
+        a1 = tl.load(h_a + n1, mask=valid[:, None] & m1[None, :], other=0.0)
+        w0 = tl.load(h_w + n0, mask=m0[:, None] & mask_k[None, :], other=0.0)
+        w1 = tl.load(h_w + n1, mask=m1[:, None] & mask_k[None, :], other=0.0)
+        if EXACT_CAST:
+            a0 = _fp8_operand(a0, FP8_MAX, EXACT_CAST)
+            a1 = _fp8_operand(a1, FP8_MAX, EXACT_CAST)
+            w0 = w0.to(tl.float32)
+            w1 = w1.to(tl.float32)
+        s0 = tl.load(scale_rows + n0 // SCALE_N, mask=valid, other=0.0)
+        s1 = tl.load(scale_rows + n1 // SCALE_N, mask=valid & (n1 < N), other=0.0)
+        acc += (_mma(a0, w0, SWAP_AB) * _row_factor(s0, SWAP_AB)
+                + _mma(a1, w1, SWAP_AB) * _row_factor(s1, SWAP_AB))
+    return acc
+
+
+@triton.jit
 def moe_grouped_stage2(
     actq_ptr, act_scale_ptr, a2_static_ptr, w2_ptr, w2_scale_ptr, topk_weights_ptr,
     sorted_ids_ptr, block_expert_ptr, total_ptr, partial_ptr, acc_ptr,
@@ -232,42 +261,25 @@ def moe_grouped_stage2(
     if BLOCK_SCALES:
         w_scale_cols = w2_scale_ptr + (e * (K // QBLOCK) + offs_k // QBLOCK) * (N // QBLOCK)
     if HALVES:
-        offs_h = tl.arange(0, BLOCK_N // 2)
-        h_a = actq_ptr + offs_m.to(tl.int64)[:, None] * N + offs_h[None, :]
-        h_w = w2_ptr + e * K * N + offs_k.to(tl.int64)[None, :] * N + offs_h[:, None]
+        acc = _stage2_halves(acc, actq_ptr, w2_ptr, scale_rows, e, offs_m, valid, offs_k, mask_k,
+                             N, K, BLOCK_N, SCALE_N, FP8_MAX, EXACT_CAST, SWAP_AB)
+    else:
         for n0 in range(0, N, BLOCK_N):
-            n1 = n0 + BLOCK_N // 2
-            m0 = (n0 + offs_h) < N
-            m1 = (n1 + offs_h) < N
-            a0 = tl.load(h_a + n0, mask=valid[:, None] & m0[None, :], other=0.0)
-            a1 = tl.load(h_a + n1, mask=valid[:, None] & m1[None, :], other=0.0)
-            w0 = tl.load(h_w + n0, mask=m0[:, None] & mask_k[None, :], other=0.0)
-            w1 = tl.load(h_w + n1, mask=m1[:, None] & mask_k[None, :], other=0.0)
+            mask_n = (n0 + offs_n) < N
+            a = tl.load(a_ptrs + n0, mask=valid[:, None] & mask_n[None, :], other=0.0)
+            w = tl.load(b_ptrs + n0, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             if EXACT_CAST:
-                a0 = _fp8_operand(a0, FP8_MAX, EXACT_CAST)
-                a1 = _fp8_operand(a1, FP8_MAX, EXACT_CAST)
-                w0 = w0.to(tl.float32)
-                w1 = w1.to(tl.float32)
-            s0 = tl.load(scale_rows + n0 // SCALE_N, mask=valid, other=0.0)
-            s1 = tl.load(scale_rows + n1 // SCALE_N, mask=valid & (n1 < N), other=0.0)
-            acc += (_mma(a0, w0, SWAP_AB) * _row_factor(s0, SWAP_AB)
-                    + _mma(a1, w1, SWAP_AB) * _row_factor(s1, SWAP_AB))
-    for n0 in range(0, 0 if HALVES else N, BLOCK_N):
-        mask_n = (n0 + offs_n) < N
-        a = tl.load(a_ptrs + n0, mask=valid[:, None] & mask_n[None, :], other=0.0)
-        w = tl.load(b_ptrs + n0, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        if EXACT_CAST:
-            a = _fp8_operand(a, FP8_MAX, EXACT_CAST)
-            w = w.to(tl.float32)
-        if BLOCK_SCALES:
-            s = tl.load(scale_rows + n0 // SCALE_N, mask=valid, other=0.0)
-            ws = tl.load(w_scale_cols + n0 // QBLOCK, mask=mask_k, other=0.0)
-            acc += _mma(a, w, SWAP_AB) * _outer(s, ws, SWAP_AB)
-        elif TILE_SCALES:
-            s = tl.load(scale_rows + n0 // SCALE_N, mask=valid, other=0.0)
-            acc += _mma(a, w, SWAP_AB) * _row_factor(s, SWAP_AB)
-        else:
-            acc += _mma(a, w, SWAP_AB)
+                a = _fp8_operand(a, FP8_MAX, EXACT_CAST)
+                w = w.to(tl.float32)
+            if BLOCK_SCALES:
+                s = tl.load(scale_rows + n0 // SCALE_N, mask=valid, other=0.0)
+                ws = tl.load(w_scale_cols + n0 // QBLOCK, mask=mask_k, other=0.0)
+                acc += _mma(a, w, SWAP_AB) * _outer(s, ws, SWAP_AB)
+            elif TILE_SCALES:
+                s = tl.load(scale_rows + n0 // SCALE_N, mask=valid, other=0.0)
+                acc += _mma(a, w, SWAP_AB) * _row_factor(s, SWAP_AB)
+            else:
+                acc += _mma(a, w, SWAP_AB)
     acc = _unswap(acc, SWAP_AB)
     if STATIC:
         acc = acc * tl.load(a2_static_ptr)
