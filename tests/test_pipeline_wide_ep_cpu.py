@@ -13,10 +13,11 @@ from vllm_moe_aot.shapes import MoEShape, Scheme
 
 DYNAMIC = [Scheme.FP8_PTPC, Scheme.FP8_PER_TENSOR_DYNAMIC]
 #: per-tile-scale variants: the looped stage 2 after stage-1 N tiles of 128 and 256, and the
-#: one-tile-per-program stage 2 after 64-wide tiles (also with A and B swapped), and the
-#: BLOCK_M=128 pair
+#: one-tile-per-program stage 2 after 64-wide tiles (also with A and B swapped, and with two
+#: such tiles per 128-wide chunk), and the BLOCK_M=128 pair
 WIDE = ("grouped_m64_fastacc_wloop4", "grouped_m64n256_fastacc_wloop4n128",
-        "grouped_m16n64_wstd", "grouped_m16n64_swab_wstd", "grouped_m128_fastacc_wloop4n128",
+        "grouped_m16n64_wstd", "grouped_m16n64_swab_wstd", "grouped_m16n64_swab_wstdk64h128",
+        "grouped_m64n64_fastacc_wstdh128", "grouped_m128_fastacc_wloop4n128",
         "grouped_m64n256_fastacc_wloop4k256", "grouped_m64n256_fastacc_wloop4n256",
         "grouped_m64n256_fastacc_wloop4k256kf")
 
@@ -109,6 +110,13 @@ def test_expert_map_is_checked():
     p["expert_map"] = p["expert_map"].long()
     with pytest.raises(ValueError, match="expert_map must be contiguous 1-D int32"):
         run(moe, "grouped_m16", p)
+    # global ids without their map would index past the E local slots: refused before any
+    # launch, the histogram the next call relies on still all zeros
+    p["expert_map"] = None
+    for v in ("grouped_m16", "gemv_n8_k512.k8_n64"):
+        with pytest.raises(ValueError, match=r"ep=2\) are global ids over 8 experts"):
+            run(moe, v, p)
+    assert torch.count_nonzero(moe.ws.counts) == 0
 
 
 def test_wide_layers_get_a_token_chunk_within_the_workspace_budget():
