@@ -9,7 +9,9 @@
 # second held-out check (scripts/validate_policy.py --layers held-out-2); eptest: the EP8 and
 # wide-N GPU tests with the soak, and the peers'; gputest: every GPU-marked test
 # ($GPUTEST_K, $GPUTEST_ARGS); sanitize: the EP8 layers under memcheck and racecheck; ncu:
-# Nsight Compute sections of the GEMM kernels ($NCU_ARGS, profile_pipeline.py arguments). Needs carry
+# Nsight Compute sections of the GEMM kernels ($NCU_ARGS, profile_pipeline.py arguments); pmemcheck:
+# compute-sanitizer memcheck of eager calls at any layer ($PMEMCHECK_ARGS, profile_pipeline.py
+# arguments, run with --plain-calls 2). Needs carry
 # [".vllm_stock", ".whl", "build/vllm_cutlass", "build/deepgemm"] (the last two from scripts/build_vllm_cutlass.py and scripts/build_deepgemm.py).
 # STEP_TIMEOUT (s, default 560) bounds each step so that the tarball is always written.
 set -u
@@ -44,6 +46,14 @@ ncu_line() {
     python3 scripts/profile_pipeline.py --plain-calls 5 $2 > "$W/ncu/n$1.txt" 2>&1 || rc=1
   grep -E "moe_grouped|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput" \
     "$W/ncu/n$1.txt" | head -20
+  pack
+}
+# shellcheck disable=SC2086
+pmemcheck_line() {
+  timeout "$T" compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 99 \
+    --print-limit 20 python3 scripts/profile_pipeline.py --plain-calls 2 $2 \
+    > "$W/pmemcheck/m$1.txt" 2>&1 || rc=1
+  grep -E "ERROR SUMMARY|Error" "$W/pmemcheck/m$1.txt" | tail -4
   pack
 }
 for step in $STEPS; do
@@ -137,6 +147,9 @@ for step in $STEPS; do
       # (default: both grouped GEMM stages) are profiled at the card's own clocks
       mkdir -p "$W/ncu"
       each_line "${NCU_ARGS:-}" ncu_line ;;
+    pmemcheck)
+      mkdir -p "$W/pmemcheck"
+      each_line "${PMEMCHECK_ARGS:-}" pmemcheck_line ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac
   pack

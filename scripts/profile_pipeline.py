@@ -73,8 +73,8 @@ def main() -> int:
         p = make_problem(shape, scheme, M, "cuda", seed=M)
         out = torch.empty(M, shape.K, dtype=torch.bfloat16, device="cuda")
         def call(m, v, p=p, out=out):
-            return lambda: m.run(v, p.x, p.w13, p.w2, p.w13_scale, p.w2_scale, p.topk_weights,
-                                 p.topk_ids, out, p.a13_scale, p.a2_scale)
+            # run_kwargs carries the expert_map of an EP layer (its topk_ids are global ids)
+            return lambda: m.run(v, *p.tensors(), out, **p.run_kwargs())
 
         if args.plain_calls:
             for v in args.variants:

@@ -387,6 +387,11 @@ class FusedMoE:
                 if t is None or t.numel() != 1 or t.dtype != torch.float32:
                     problems.append(f"{name} must be a one-element fp32 tensor for "
                                     f"{self.scheme.value}")
+        if expert_map is None and s.ep > 1:
+            # the kernels index counts, cursors and weights by id: global ids up to E * ep
+            # would write past this layer's E slots
+            problems.append(f"topk_ids of an expert-parallel layer (ep={s.ep}) are global ids "
+                            f"over {s.global_experts} experts: pass its expert_map")
         if expert_map is not None and (expert_map.dtype != torch.int32 or
                                        expert_map.dim() != 1 or
                                        expert_map.numel() < s.E or
