@@ -89,8 +89,8 @@ def peer_table(report: dict) -> str:
              f"({report['stock_why']}); peers: {srcs}. The best peer is the fastest whole "
              "layer (the bound is not one).", "",
              f"| M | dispatch | ours µs | {cols} | best peer | vs best peer | vs stock | "
-             "F µs | time/F | err |",
-             "|" + "---|" * (9 + len(names))]
+             "F µs | time/F | TFLOPS | GB/s | err |",
+             "|" + "---|" * (11 + len(names))]
     skipped = [k for k in report.get("skipped", [])]
     for r in report["rows"]:
         if r["variant"] in report["peers"]:
@@ -100,7 +100,8 @@ def peer_table(report: dict) -> str:
         lines.append(
             f"| {r['M']} | {r['variant']} | {fmt(r['us'])} | {peers} | {best} | "
             f"{fmt(r['speedup_best'], '.2f')}x | {fmt(r['speedup'], '.2f')}x | "
-            f"{fmt(r['floor_us'])} | {fmt(r['over_floor'], '.2f')} | {fmt(r['err'], '.1e')} |")
+            f"{fmt(r['floor_us'])} | {fmt(r['over_floor'], '.2f')} | {fmt(r['tflops'])} | "
+            f"{fmt(r['gbps'], '.0f')} | {fmt(r['err'], '.1e')} |")
     fails = [r for r in report["rows"] if r["variant"] in report["peers"]]
     if fails or skipped:
         lines.append("")
