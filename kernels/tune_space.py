@@ -108,8 +108,6 @@ GEMV_S1_TILES = (GemvStage1Tile(4, 1024), GemvStage1Tile(8, 512))
 GEMV_S2_TILES = (GemvStage2Tile(False, 4, 128), GemvStage2Tile(False, 8, 64),
                  GemvStage2Tile(True, 16, 128, 8, 8), GemvStage2Tile(False, 2, 64, warps=1),
                  GemvStage2Tile(False, 4, 64, warps=2), GemvStage2Tile(False, 2, 128, 8, 1))
-# (k8_n128 and k2_n128_w1, the n64 winners with whole 128-byte w2 rows per load, need 227-246
-# registers against 117-141: not built; docs/perf-notes.md, "Next levers" 5)
 
 
 def _gemv_tag(flags: SchemeFlags) -> str:
@@ -305,10 +303,8 @@ S2_TILES = {
     (16, "wstdk64n128"): GroupedStage2Tile(64, 128, 4, 3, tile_scales=True),
     # ... the same loads after 64-wide stage-1 tiles, as two scale tiles per chunk
     (16, "wstdk64h128"): GroupedStage2Tile(64, 128, 4, 3, tile_scales=True, halves=True),
-    # the same 128-byte chunks for 64-row blocks (the wstd winners at 2-8 tokens of the EP8
-    # layers; not measured yet)
-    (64, "wstdn128"): GroupedStage2Tile(128, 128, 4, 3, tile_scales=True),
-    (64, "wstdh128"): GroupedStage2Tile(128, 128, 4, 3, tile_scales=True, halves=True),
+    # (the same 128-byte chunks for 64-row blocks, wstdn128 / wstdh128, took their stage 2
+    # 19-25% faster but lost every row to m16n64s4_swab_wstdk64h128: removed, perf-notes.md)
 }
 
 
@@ -342,8 +338,7 @@ MODES = (Mode("std", False), Mode("atomic", False), Mode("std", True), Mode("k25
          # led our m16n64_wstd by 7% (DeepSeek-V3 EP8 at M = 32, H200, 2026-12-03)
          Mode("std", False, swap_ab=True), Mode("wstd", False, swap_ab=True),
          Mode("wstdk64", False, swap_ab=True), Mode("wstdk64n128", False, swap_ab=True),
-         Mode("wstdk64h128", False, swap_ab=True), Mode("wstdn128", True),
-         Mode("wstdh128", True))
+         Mode("wstdk64h128", False, swap_ab=True))
 #: modes built for block FP8 only: its stage 1 always promotes, and these tiles (N = 128 in one
 #: chunk, the BLOCK_M=128 stage 1) lost to their fastacc forms for every other scheme
 BLOCK_ONLY_MODES = {Mode("wloop4n128", False), Mode("wloop4m64", False),

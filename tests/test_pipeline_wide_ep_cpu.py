@@ -17,7 +17,7 @@ DYNAMIC = [Scheme.FP8_PTPC, Scheme.FP8_PER_TENSOR_DYNAMIC]
 #: such tiles per 128-wide chunk), and the BLOCK_M=128 pair
 WIDE = ("grouped_m64_fastacc_wloop4", "grouped_m64n256_fastacc_wloop4n128",
         "grouped_m16n64_wstd", "grouped_m16n64_swab_wstd", "grouped_m16n64_swab_wstdk64h128",
-        "grouped_m64n64_fastacc_wstdh128", "grouped_m128_fastacc_wloop4n128",
+        "grouped_m128_fastacc_wloop4n128",
         "grouped_m64n256_fastacc_wloop4k256", "grouped_m64n256_fastacc_wloop4n256",
         "grouped_m64n256_fastacc_wloop4k256kf")
 
