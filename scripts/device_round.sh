@@ -48,10 +48,15 @@ ncu_line() {
     "$W/ncu/n$1.txt" | head -20
   pack
 }
+# sanitizer TOOL CMD...: CMD under compute-sanitizer, bounded by the step timeout (host API
+# return codes ignored, as in gpu_check.sh: cuda-bindings' probes are not memory errors)
+sanitizer() {
+  timeout "$T" compute-sanitizer --tool "$1" --report-api-errors no --error-exitcode 99 \
+    --print-limit 20 "${@:2}"
+}
 # shellcheck disable=SC2086
 pmemcheck_line() {
-  timeout "$T" compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 99 \
-    --print-limit 20 python3 scripts/profile_pipeline.py --plain-calls 2 $2 \
+  sanitizer memcheck python3 scripts/profile_pipeline.py --plain-calls 2 $2 \
     > "$W/pmemcheck/m$1.txt" 2>&1 || rc=1
   grep -E "ERROR SUMMARY|Error" "$W/pmemcheck/m$1.txt" | tail -4
   pack
@@ -134,8 +139,7 @@ for step in $STEPS; do
       # SANITIZE_ONLY (preset names; default all), SANITIZE_VARIANTS (ep8: grouped variants)
       for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
         # shellcheck disable=SC2086
-        timeout "$T" compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 99 \
-          --print-limit 20 python3 scripts/sanitize_pipeline.py --layers ${SANITIZE_LAYERS:-ep8} \
+        sanitizer $tool python3 scripts/sanitize_pipeline.py --layers ${SANITIZE_LAYERS:-ep8} \
           --tokens ${SANITIZE_TOKENS:-37} ${SANITIZE_ONLY:+--only $SANITIZE_ONLY} \
           ${SANITIZE_VARIANTS:+--variants $SANITIZE_VARIANTS} \
           > "$W/sanitize/$tool.txt" 2>&1 || rc=1
