@@ -117,6 +117,9 @@ M1_TARGETS = {"qwen3.5-397b-a17b": 5.5, "hy3": 6.5}
 M131072_TARGETS = {"qwen3.5-397b-a17b": 5900.0}
 #: from this M on, target 1 also counts the CUTLASS-class bound (the two GEMMs alone)
 BOUND_FROM_M = 2048
+#: the GEMMs-alone bound of a layer, in order of preference: torch's grouped GEMMs, or for
+#: block-FP8 layers (which those do not take) DeepGEMM's block-scaled grouped GEMMs
+BOUND_PEERS = ("gemm_bound", "deepgemm_bound")
 
 
 def _tf_bound(M: int) -> float | None:
@@ -139,7 +142,7 @@ def targets_table(report: dict) -> str:
     t1 = []
     for r in rows:
         best = r["speedup_best"] or 0.0
-        bound = r["peer_us"].get("gemm_bound")
+        bound = next((r["peer_us"][b] for b in BOUND_PEERS if r["peer_us"].get(b)), None)
         if best < 1.0:
             t1.append(f"M={r['M']} {best:.2f}x {r['best_peer']}")
         elif r["M"] >= BOUND_FROM_M and bound is not None and r["us"] > bound:
