@@ -14,6 +14,7 @@
 # arguments, run with --plain-calls 2). Needs carry
 # [".vllm_stock", ".whl", "build/vllm_cutlass", "build/deepgemm"] (the last two from scripts/build_vllm_cutlass.py and scripts/build_deepgemm.py).
 # STEP_TIMEOUT (s, default 560) bounds each step so that the tarball is always written.
+# TUNE_INSTALL=1 makes the tune step's CSVs the package's configs for the later steps of the call.
 set -u
 OUT=${OUT:-./out}
 W=$(mktemp -d)
@@ -86,6 +87,11 @@ for step in $STEPS; do
           --timeout 120 --no-progress ${TUNE_ARGS:-} > "$W/tune/$p.stdout.txt" 2>&1 || rc=1
         tail -22 "$W/tune/$p.stdout.txt"
       done
+      # TUNE_INSTALL=1: the tuned CSVs into this copy's vllm_moe_aot/configs too, so that the
+      # steps after this one that read the package's configs (eptest, gputest, check) run them
+      if [ "${TUNE_INSTALL:-0}" = 1 ]; then
+        cp "$W/tune/"*.tuned.csv vllm_moe_aot/configs/ && echo "tuned CSVs installed in vllm_moe_aot/configs"
+      fi
       CONFIG_DIR=${CONFIG_DIR:-$W/tune} ;;
     peertest)
       mkdir -p "$W/peertest"
