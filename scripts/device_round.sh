@@ -12,7 +12,8 @@
 # Nsight Compute sections of the GEMM kernels ($NCU_ARGS, profile_pipeline.py arguments); pmemcheck:
 # compute-sanitizer memcheck of eager calls at any layer ($PMEMCHECK_ARGS, profile_pipeline.py
 # arguments, run with --plain-calls 2). Needs carry
-# [".vllm_stock", ".whl", "build/vllm_cutlass", "build/deepgemm"] (the last two from scripts/build_vllm_cutlass.py and scripts/build_deepgemm.py).
+# [".vllm_stock", ".whl", "build/vllm_cutlass", "build/deepgemm"], all four built on the CPU machine by
+# scripts/prepare_device_carry.sh.
 # STEP_TIMEOUT (s, default 560) bounds each step so that the tarball is always written.
 # TUNE_INSTALL=1 makes the tune step's CSVs the package's configs for the later steps of the call.
 set -u
