@@ -9,7 +9,7 @@
 #   build/deepgemm       DeepGEMM's block-scaled grouped GEMM (scripts/build_deepgemm.py)
 # Needs the venv of the README's first command, nvcc, and bare clones of CUTLASS and DeepGEMM
 # ($CUTLASS_GIT_DIR, $DEEPGEMM_GIT_DIR; the build scripts' defaults otherwise). About 8 minutes on
-# 2 cores. Then: carry [".vllm_stock", ".whl", "build/vllm_cutlass", "build/deepgemm"].
+# 2 cores. It ends by printing the device tool's carry list for them.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 STOCK_PREPARE=${STOCK_PREPARE:-../shared/tools/vllm-stock/prepare.py}

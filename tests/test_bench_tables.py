@@ -94,10 +94,8 @@ def test_issue15_target_1_counts_the_deepgemm_bound_of_block_layers():
     """A block-FP8 layer has no torch GEMM bound (torch takes no 128x128 block scales): its
     GEMMs-alone bound is DeepGEMM's, and target 1 counts it from M = 2048 on."""
     tables = _bench_tables()
-    rows = [_row(1024, 300.0, 1.4, 1.30),
-            _row(4096, 650.0, 1.4, 1.5)]
-    rows[0]["peer_us"] = {"deepgemm_bound": 250.0}  # under 2048: not counted
-    rows[1]["peer_us"] = {"deepgemm_bound": 500.0}
+    rows = [_row(1024, 300.0, 1.4, 1.30, peer_us={"deepgemm_bound": 250.0}),  # under 2048
+            _row(4096, 650.0, 1.4, 1.5, peer_us={"deepgemm_bound": 500.0})]
     report = {**_peer_report(rows), "layer": {"name": "qwen3.5-397b-a17b-fp8 tp8",
                                               "scheme": "fp8_block"}}
     out = tables.targets_table(report)
